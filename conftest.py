@@ -1,0 +1,32 @@
+"""Session-wide set-up shared by the doctests and the test suite."""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+# Doctests and tests write dirty images to a store of their own, never the user's.
+_STORE = tempfile.mkdtemp(prefix='nibtrack-test-store-')
+os.environ['NIBTRACK_STORE'] = _STORE
+
+
+def _fingerprints(folder: Path) -> dict[str, str]:
+    return {
+        str(path): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(folder.rglob('*'))
+        if path.is_file()
+    }
+
+
+@pytest.fixture(scope='session', autouse=True)
+def source_files_untouched():
+    """Every source file nibabel ships is byte-identical after the whole session."""
+    from nibabel.testing import data_path
+
+    before = _fingerprints(Path(data_path))
+    yield
+    after = _fingerprints(Path(data_path))
+    changed = sorted(k for k in before if before[k] != after.get(k))
+    assert not changed, f'source files modified by the tests: {changed}'

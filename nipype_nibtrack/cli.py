@@ -1,0 +1,75 @@
+"""The ``nibtrack`` command: manage the image store, run the demo."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .store import get_store
+
+__all__ = ['main']
+
+
+def _size(n: int) -> str:
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if n < 1024 or unit == 'GiB':
+            return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
+        n /= 1024
+    return str(n)
+
+
+def _info(args: argparse.Namespace) -> int:
+    info = get_store().info()
+    print(f'location: {info.location}')
+    print(f'entries:  {info.entries} ({info.files} image files)')
+    print(f'size:     {_size(info.bytes)} ({info.bytes} bytes)')
+    return 0
+
+
+def _gc(args: argparse.Namespace) -> int:
+    if args.older_than is None and args.max_bytes is None:
+        print('nibtrack store gc: give --older-than DAYS and/or --max-bytes N', file=sys.stderr)
+        return 2
+    report = get_store().gc(args.older_than, args.max_bytes)
+    print(
+        f'removed {report.removed} entries ({_size(report.freed_bytes)}), kept {report.kept}, '
+        f'{report.skipped_busy} busy'
+    )
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args.base_dir, tool=args.tool)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``nibtrack``.
+
+    >>> build_parser().parse_args(['store', 'gc', '--older-than', '7']).older_than
+    7.0
+    """
+    parser = argparse.ArgumentParser(prog='nibtrack', description=__doc__)
+    commands = parser.add_subparsers(dest='command', required=True)
+    store = commands.add_parser('store', help='inspect or clean the image store')
+    store_commands = store.add_subparsers(dest='store_command', required=True)
+    store_commands.add_parser('info', help='location, entries and bytes').set_defaults(func=_info)
+    gc = store_commands.add_parser('gc', help='delete old or excess entries')
+    gc.add_argument('--older-than', type=float, metavar='DAYS', help='unused for DAYS days')
+    gc.add_argument('--max-bytes', type=int, metavar='N', help='shrink the store to N bytes')
+    gc.set_defaults(func=_gc)
+    demo = commands.add_parser('demo', help='run the realignment example twice')
+    demo.add_argument('--base-dir', default=None, help='work directory (default: a temp dir)')
+    demo.add_argument('--tool', choices=('auto', 'flirt', 'elastix'), default='auto')
+    demo.set_defaults(func=_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""Cleanliness rules: does an image still correspond exactly to its file(s)?
+
+A rule is registered per image class with :func:`cleanliness_rule.register`; it takes
+the image and its provenance record (or None) and returns None when clean, otherwise a
+sentence saying what differs. Anything without a rule is dirty. Every rule leans to
+"dirty": a false dirty costs one write, a false clean hands a tool the wrong data.
+
+The rules compare the image with a *reference*: what nibabel makes of the file(s) now,
+memoised per file identity so that repeated checks cost a few ``stat`` calls. Data are
+read only when the image holds a filled data cache or an in-memory array, once per file
+identity.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import singledispatch
+from typing import Any
+
+import numpy as np
+from nibabel.analyze import AnalyzeImage
+from nibabel.brikhead import AFNIImage
+from nibabel.cifti2 import Cifti2Image
+from nibabel.filebasedimages import FileBasedImage
+from nibabel.fileholders import FileHolder
+from nibabel.freesurfer.mghformat import MGHImage
+from nibabel.gifti import GiftiImage
+from nibabel.minc1 import Minc1Image, MincImageArrayProxy
+from nibabel.parrec import PARRECArrayProxy, PARRECImage
+
+from .digest import _array_digest, _Memo, data_digest, edited_cache
+from .fileid import FileId, fd_id, path_id
+from .provenance import Record, file_identities, file_paths, record_of
+from .snapshot import Snapshot, snapshot
+
+__all__ = ['cleanliness_rule', 'dirty_reason', 'is_dirty']
+
+
+@dataclass(frozen=True)
+class Reference:
+    """What nibabel makes of the file(s) now, and whether it had to repair them."""
+
+    snapshot: Snapshot
+    repaired: bool
+
+
+_references = _Memo(1024)
+
+
+def _fresh_file_map(paths: dict[str, str]) -> dict[str, FileHolder]:
+    return {key: FileHolder(filename=path) for key, path in paths.items()}
+
+
+def _release(img: Any) -> None:
+    """Close what a reference load holds open (PAR/REC and MINC2 keep handles)."""
+    dataobj = img.dataobj
+    if isinstance(dataobj, PARRECArrayProxy):
+        dataobj.file_like.close()
+    elif isinstance(dataobj, MincImageArrayProxy):
+        close = getattr(dataobj.minc_file._mincfile, 'close', None)
+        if close is not None:
+            close()
+
+
+def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> bool:
+    """True when nibabel's header repairs on load changed what the tool reads.
+
+    The raw header is parsed with ``check=False`` and normalised the way the image
+    constructor normalises every header (offset and scaling reset), then compared
+    byte for byte with the header nibabel loaded.
+    """
+    header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
+    with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+        raw = klass.header_class.from_fileobj(fobj, check=False)
+    shape = tuple(int(n) for n in raw.get_data_shape())
+    twin = klass(np.broadcast_to(np.zeros((), raw.get_data_dtype()), shape), None, raw)
+    got, want = snapshot(twin), snapshot(loaded)
+    return (got.header, got.extensions) != (want.header, want.extensions)
+
+
+def reference(
+    klass: type, paths: dict[str, str], ids: dict[str, FileId | None], kwargs: dict
+) -> Reference:
+    """The memoised reference of ``klass`` loaded from ``paths`` with identities ``ids``."""
+    key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), repr(kwargs))
+    hit = _references.get(key)
+    if hit is not None:
+        return hit
+    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+    try:
+        snap = snapshot(fresh)
+        repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
+    finally:
+        _release(fresh)
+    ref = Reference(snap, repaired)
+    if file_identities(paths) == ids:  # unchanged while we read it
+        _references.put(key, ref)
+    return ref
+
+
+def _file_data_digest(klass: type, paths: dict[str, str], kwargs: dict) -> str:
+    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+    try:
+        return data_digest(fresh.dataobj, None, 'F')
+    finally:
+        _release(fresh)
+
+
+@singledispatch
+def cleanliness_rule(img: Any, record: Record | None) -> str | None:
+    """Return None when ``img`` corresponds exactly to its file(s), else why not.
+
+    The default, for any class without a registered rule, is dirty.
+
+    Examples
+    --------
+    >>> from nibabel.spatialimages import SpatialImage
+    >>> import numpy as np
+    >>> cleanliness_rule(SpatialImage(np.zeros((2, 2, 2)), np.eye(4)), None)
+    'no cleanliness rule for SpatialImage images'
+    """
+    return f'no cleanliness rule for {type(img).__name__} images'
+
+
+@cleanliness_rule.register
+def _(img: GiftiImage, record: Record | None) -> str | None:
+    return 'GIFTI images keep no link to their file once loaded'
+
+
+def _compare_against_file(img: Any, record: Record | None) -> str | None:
+    """The rule shared by every format: compare with the file(s) as nibabel reads them."""
+    paths = file_paths(img)
+    if paths is None:
+        return 'image has no file'
+    ids = file_identities(paths)
+    main = os.path.abspath(img.get_filename())
+    if ids.get(next((k for k, p in paths.items() if p == main), ''), None) is None:
+        return f'file {main} does not exist'
+    current = snapshot(img)
+    if current.header is None:
+        return f'no cleanliness rule for {type(img.header).__name__} headers'
+    if record is not None and record.baseline is not None:
+        reason = _compare_with_baseline(img, record, current, ids)
+    else:
+        reason = _compare_with_reference(img, record, current, paths, ids)
+        if reason is None and edited_cache(img) is not None:
+            reason = 'data edited after get_fdata()'
+    if reason is None:
+        reason = _held_file_replaced(current)
+    if reason is not None and record is not None and record.ids and record.ids != ids:
+        when = 'marked clean' if record.baseline is not None else 'load'
+        return f'file changed on disk since {when} ({reason})'
+    return reason
+
+
+def _compare_with_reference(
+    img: Any, record: Record | None, current: Snapshot, paths: dict[str, str], ids: dict
+) -> str | None:
+    kwargs = record.kwargs if record is not None else {}
+    try:
+        ref = reference(type(img), paths, ids, kwargs)
+    except Exception as err:  # any failure to read the file means we cannot prove clean
+        return f'file cannot be read by nibabel now ({type(err).__name__}: {err})'
+    if ref.repaired:
+        return "nibabel repaired the file's header on load; a tool reads the unrepaired one"
+    want = ref.snapshot
+    if current.header != want.header:
+        return "header differs from the file's"
+    if current.extensions != want.extensions:
+        return "NIfTI extensions differ from the file's"
+    if current.affine != want.affine:
+        return "affine differs from the file's"
+    if current.alias is not None:
+        return f'data dtype alias {current.alias!r} is only resolved when the image is written'
+    if current.proxy is None:
+        if data_digest(img.dataobj, None, 'F') != _file_data_digest(type(img), paths, kwargs):
+            return "data is an in-memory array that differs from the file's data"
+        return None
+    if current.proxy.in_memory:
+        return 'data is read from an in-memory file object, not from a file'
+    if want.proxy is None or not current.proxy.same_source(want.proxy):
+        if want.proxy is not None and current.proxy.path != want.proxy.path:
+            return f"data is read from {current.proxy.path}, not from the image's file"
+        return "data read parameters (shape, dtype, offset or scaling) differ from the file's"
+    if current.proxy.path is None and current.proxy.fd is None:
+        # Data mapped at load (MINC1): only a load record proves it is this file's data
+        proven = record is not None and record.holds_dataobj(img.dataobj) and record.ids == ids
+        if not proven:
+            return (
+                'cannot prove the data still come from the file at its path; '
+                'load it with nipype_nibtrack.load'
+            )
+    return None
+
+
+def _compare_with_baseline(img: Any, record: Record, current: Snapshot, ids: dict) -> str | None:
+    base = record.baseline
+    if record.ids != ids:
+        return 'file changed on disk since marked clean'
+    if current.header != base.header or current.extensions != base.extensions:
+        return 'header changed since marked clean'
+    if current.affine != base.affine:
+        return 'affine changed since marked clean'
+    if current.alias != base.alias:
+        return 'data dtype alias changed since marked clean'
+    if not record.holds_dataobj(img.dataobj):
+        return 'data object replaced since marked clean'
+    for name in ('_dataobj', '_fdata_cache', '_data_cache'):
+        value = getattr(img, name, None)
+        if name == '_dataobj' and current.proxy is not None:
+            continue
+        if value is None:
+            continue
+        if name in record.caches:
+            edited = _array_digest(value, 'F') != record.caches[name]
+        else:  # filled after mark_clean: it must equal what the data object reads
+            edited = _array_digest(value, 'F') != data_digest(img.dataobj, value.dtype, 'F')
+        if edited:
+            return 'data edited since marked clean'
+    return None
+
+
+def _held_file_replaced(current: Snapshot) -> str | None:
+    proxy = current.proxy
+    if proxy is None or proxy.fd is None:
+        return None
+    try:
+        held = fd_id(proxy.fd)
+    except OSError:
+        return 'the file the image holds open was closed'
+    if proxy.path is None or not held.same_file(path_id(proxy.path)):
+        return 'file was replaced on disk while the image holds it open'
+    return None
+
+
+for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti2Image):
+    cleanliness_rule.register(_klass, _compare_against_file)
+
+
+def dirty_reason(img: Any) -> str | None:
+    """Why ``img`` differs from its file(s), or None when a tool would read exactly it.
+
+    Parameters
+    ----------
+    img : nibabel image
+
+    Returns
+    -------
+    str or None
+
+    Examples
+    --------
+    >>> import os, shutil, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = shutil.copy(os.path.join(data_path, 'anatomical.nii'), tempfile.mkdtemp())
+    >>> img = nib.load(path)
+    >>> dirty_reason(img) is None
+    True
+    >>> img.affine[0, 0] += 1e-9
+    >>> dirty_reason(img)
+    "affine differs from the file's"
+    >>> dirty_reason(nib.Nifti1Image(img.dataobj, img.affine))
+    'image has no file'
+    """
+    if not isinstance(img, FileBasedImage):
+        raise TypeError(
+            f'expected a nibabel image, got {type(img).__name__}; '
+            'load files with nibabel.load or nipype_nibtrack.load'
+        )
+    record = record_of(img)
+    if record is not None and record.forced_dirty:
+        return 'marked dirty by the user'
+    return cleanliness_rule(img, record)
+
+
+def is_dirty(img: Any) -> bool:
+    """True unless a tool reading the image's file(s) now would see exactly ``img``.
+
+    Examples
+    --------
+    >>> import os, shutil, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = shutil.copy(os.path.join(data_path, 'anatomical.nii'), tempfile.mkdtemp())
+    >>> img = nib.load(path)
+    >>> is_dirty(img)
+    False
+    >>> img.get_fdata()[10, 10, 10] += 1
+    >>> is_dirty(img)
+    True
+    """
+    return dirty_reason(img) is not None
