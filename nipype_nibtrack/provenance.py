@@ -142,7 +142,8 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
         Record(
             kwargs={k: v for k, v in kwargs.items() if k not in ('mmap', 'keep_file_open')},
             ids=file_identities(paths),
-            dataobj=_weak(img.dataobj),
+            # GIFTI images have no dataobj
+            dataobj=_weak(getattr(img, 'dataobj', None)),
         ),
     )
     return img

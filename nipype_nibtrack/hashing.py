@@ -1,0 +1,65 @@
+"""Node hashes that follow image content.
+
+nipype hashes an input by ``str(value)`` unless it is an existing file, so an image
+entered the hash as ``<Nifti1Image object at 0x...>``: a new hash for every load of the
+same file, the same hash after an edit. :func:`install` makes nipype hash an image as
+the file it resolves to: a clean image exactly like its own path (under both
+``hash_method`` settings), a dirty one like its content-addressed store file, which is
+written once and never touched. It also names iterable folders after image content
+instead of ``str(img)``, which is the same for two images with equal headers.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from nipype.interfaces.base.specs import BaseTraitedSpec
+from nipype.pipeline.engine import utils as engine_utils
+
+from .digest import image_digest
+from .resolve import _stem, resolve
+from .rules import is_dirty
+from .traits import is_image
+
+__all__ = ['install', 'iterable_label']
+
+
+def iterable_label(img: Any) -> str:
+    """Folder label of an image used as an iterable value: its path when clean, else
+    its file stem and a content digest.
+
+    >>> import numpy as np, nibabel as nib
+    >>> a = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> b = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
+    >>> iterable_label(a) != iterable_label(b), iterable_label(a).startswith('image_')
+    (True, True)
+    """
+    if not is_dirty(img):
+        return img.get_filename()
+    return f'{_stem(img)}_{image_digest(img)[:16]}'
+
+
+def install() -> None:
+    """Install the hashing hooks; calling it again changes nothing."""
+    if getattr(BaseTraitedSpec._get_sorteddict, '_nibtrack', False):
+        return
+    sorteddict = BaseTraitedSpec._get_sorteddict
+    pathstr = engine_utils._get_valid_pathstr
+
+    def _get_sorteddict(
+        self: BaseTraitedSpec,
+        objekt: Any,
+        dictwithhash: bool = False,
+        hash_method: str | None = None,
+        hash_files: bool = True,
+    ) -> Any:
+        if is_image(objekt):
+            objekt = resolve(objekt).path
+        return sorteddict(self, objekt, dictwithhash, hash_method, hash_files)
+
+    def _get_valid_pathstr(value: Any) -> Any:
+        return pathstr(iterable_label(value) if is_image(value) else value)
+
+    _get_sorteddict._nibtrack = True
+    BaseTraitedSpec._get_sorteddict = _get_sorteddict
+    engine_utils._get_valid_pathstr = _get_valid_pathstr

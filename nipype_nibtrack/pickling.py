@@ -1,0 +1,160 @@
+"""Images cross process and machine boundaries as file references, never as arrays.
+
+nipype pickles nodes, inputs and results into ``.pklz`` files and MultiProc
+submissions. Three hooks, installed by :func:`install`, turn every image met there into
+a reference to the file it resolves to (dirty images are written to the store first):
+
+- ``BaseTraitedSpec.__getstate__``: images in any spec (interface inputs, Function
+  inputs and outputs) are pickled as references;
+- ``InterfaceResult.__getstate__``: the same for the inputs recorded in a result;
+- ``nipype.utils.filemanip.savepkl`` pickles with :class:`ImagePickler`, which also
+  catches images in plain containers such as ``_inputs.pklz``.
+
+A reference loads back, with :func:`nipype_nibtrack.load`, as a clean image of that
+file: in a batch worker that has only imported ``nipype_nibtrack``.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import pickle
+import types
+from typing import Any
+
+from nipype.interfaces.base.specs import BaseTraitedSpec
+from nipype.interfaces.base.support import InterfaceResult
+from nipype.utils import filemanip
+
+from .provenance import load
+from .resolve import as_filename
+from .store import ENV_VAR
+from .traits import contains_image, is_image
+
+__all__ = ['ImagePickler', 'ImageReference', 'install', 'load_reference']
+
+
+def load_reference(path: str) -> Any:
+    """Load the image a pickled reference names.
+
+    >>> import os
+    >>> from nibabel.testing import data_path
+    >>> load_reference(os.path.join(data_path, 'anatomical.nii')).shape
+    (33, 41, 25)
+    """
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f'nipype_nibtrack: the image file {path} is not readable on this machine. '
+            f'Images travel between processes as file references: put the image store '
+            f'({ENV_VAR}) and the work directory on a filesystem every worker shares.'
+        )
+    return load(path)
+
+
+class ImageReference:
+    """Stands for an image in a pickle: unpickles as the image loaded from ``path``.
+
+    >>> import pickle, numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
+    >>> back = pickle.loads(pickle.dumps(ImageReference.of(img)))
+    >>> np.array_equal(back.get_fdata(), img.get_fdata())
+    True
+    """
+
+    __slots__ = ('path',)
+
+    def __init__(self, path: str):
+        self.path = path
+
+    @classmethod
+    def of(cls, img: Any, formats: tuple[str, ...] | None = None) -> ImageReference:
+        return cls(as_filename(img, formats=formats))
+
+    def __reduce__(self) -> tuple:
+        return load_reference, (self.path,)
+
+    def __repr__(self) -> str:
+        return f'ImageReference({self.path!r})'
+
+
+def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
+    """``value`` with every image, at any depth of lists, tuples and dicts, a reference."""
+    if is_image(value):
+        return ImageReference.of(value, formats)
+    if isinstance(value, (list, tuple)):
+        return type(value)(references(v, formats) for v in value)
+    if isinstance(value, dict):
+        return {k: references(v, formats) for k, v in value.items()}
+    return value
+
+
+def _has_image(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any(_has_image(v) for v in value.values())
+    return contains_image(value)
+
+
+class ImagePickler(pickle.Pickler):
+    """A pickler that writes every nibabel image as an :class:`ImageReference`.
+
+    >>> import io, pickle, numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((64, 64, 64), 'f4'), np.eye(4))
+    >>> buffer = io.BytesIO()
+    >>> ImagePickler(buffer).dump({'in_file': img})
+    >>> len(buffer.getvalue()) < 1000
+    True
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        if is_image(obj):
+            return ImageReference.of(obj).__reduce__()
+        return NotImplemented
+
+
+def _dump(obj: Any, file: Any, protocol: int | None = None, **kwargs: Any) -> None:
+    ImagePickler(file, protocol, **kwargs).dump(obj)
+
+
+def _dumps(obj: Any, protocol: int | None = None, **kwargs: Any) -> bytes:
+    buffer = io.BytesIO()
+    _dump(obj, buffer, protocol, **kwargs)
+    return buffer.getvalue()
+
+
+# filemanip reads `pickle.dump` at call time: give it a pickle module that references
+_pickle_for_nipype = types.ModuleType('pickle', 'pickle, with images pickled as references')
+_pickle_for_nipype.__dict__.update(vars(pickle))
+_pickle_for_nipype.dump = _dump
+_pickle_for_nipype.dumps = _dumps
+
+
+def _trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
+    from .interfaces import trait_formats
+
+    return trait_formats(spec, name)
+
+
+def install() -> None:
+    """Install the three hooks; calling it again changes nothing."""
+    if getattr(BaseTraitedSpec.__getstate__, '_nibtrack', False):
+        return
+    spec_getstate = BaseTraitedSpec.__getstate__
+
+    def __getstate__(self: BaseTraitedSpec) -> dict:
+        state = spec_getstate(self)
+        for name, value in state.items():
+            if _has_image(value):
+                state[name] = references(value, _trait_formats(self, name))
+        return state
+
+    def result_getstate(self: InterfaceResult) -> dict:
+        state = dict(self.__dict__)
+        if _has_image(state.get('inputs')):
+            state['inputs'] = references(state['inputs'])
+        return state
+
+    __getstate__._nibtrack = True
+    __getstate__.__doc__ = spec_getstate.__doc__
+    BaseTraitedSpec.__getstate__ = __getstate__
+    InterfaceResult.__getstate__ = result_getstate
+    filemanip.pickle = _pickle_for_nipype

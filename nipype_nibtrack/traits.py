@@ -1,0 +1,122 @@
+"""Trait types for nipype input specs that accept a path or a nibabel image."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from nibabel.filebasedimages import FileBasedImage
+from nipype.interfaces.base.traits_extension import File, InputMultiObject
+from traits.api import TraitError
+
+from .export import choose_target
+from .resolve import _check_image, normalise_formats
+
+__all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image']
+
+#: Extensions read when neither the trait nor the interface family says otherwise
+DEFAULT_FORMATS = ('.nii', '.nii.gz')
+
+
+def is_image(value: Any) -> bool:
+    """True for a nibabel image object.
+
+    >>> import numpy as np, nibabel as nib
+    >>> is_image(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))), is_image('a.nii')
+    (True, False)
+    """
+    return isinstance(value, FileBasedImage)
+
+
+def contains_image(value: Any) -> bool:
+    """True for an image, or a list/tuple holding one at any depth.
+
+    >>> import numpy as np, nibabel as nib
+    >>> contains_image(['a.nii', [nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))]])
+    True
+    """
+    if is_image(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(contains_image(v) for v in value)
+    return False
+
+
+class ImageFile(File):
+    """A ``File`` that also accepts a nibabel image.
+
+    Paths are validated exactly as ``File`` validates them (existence, extensions) and
+    keep every piece of metadata (``argstr``, ``position``, ``mandatory``, ``copyfile``,
+    ``xor``...). An image is kept as is until the interface runs, when it becomes a
+    file name (see :func:`nipype_nibtrack.as_filename`): its own file when clean, a
+    store file otherwise. ``image_formats`` metadata lists the extensions the consuming
+    tool reads; the trait's ``extensions`` take precedence.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from nipype.interfaces.base import TraitedSpec
+    >>> class Spec(TraitedSpec):
+    ...     in_file = ImageFile(exists=True, argstr='-in %s', desc='input')
+    >>> spec = Spec()
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> spec.in_file = img
+    >>> spec.in_file is img
+    True
+    >>> spec.in_file = 42
+    Traceback (most recent call last):
+    ...
+    traits.trait_errors.TraitError: the 'in_file' input of Spec takes a path or a nibabel image, not int: 42
+    """
+
+    @property
+    def info_text(self) -> str:
+        return super().info_text + ' or a nibabel image'
+
+    def formats(self, default: tuple[str, ...] | None = None) -> tuple[str, ...]:
+        """Extensions the consumer reads: the trait's, else ``image_formats``, else NIfTI."""
+        exts = self._exts or self._metadata.get('image_formats') or default or DEFAULT_FORMATS
+        return normalise_formats(exts)
+
+    def validate(self, objekt: Any, name: str, value: Any, return_pathlike: bool = False) -> Any:
+        where = f'the {name!r} input of {type(objekt).__name__}'
+        if isinstance(value, (str, bytes, os.PathLike)):
+            return super().validate(objekt, name, value, return_pathlike=return_pathlike)
+        if not is_image(value):
+            raise TraitError(
+                f'{where} takes a path or a nibabel image, not {type(value).__name__}: '
+                f'{value!r:.80}'
+            )
+        try:
+            _check_image(value)
+            if hasattr(value, 'dataobj'):
+                choose_target(value, self.formats())
+            else:  # GIFTI and other non-volume images: only a clean file could be passed
+                raise ValueError(
+                    f'{type(value).__name__} images cannot be written as '
+                    f'{list(self.formats())}; save it and pass the file name'
+                )
+        except (ValueError, TypeError) as err:
+            raise TraitError(f'{where} cannot take this {type(value).__name__}: {err}') from err
+        return value
+
+
+class InputMultiImage(InputMultiObject):
+    """A list input whose items may be paths or images (``InputMultiPath`` style).
+
+    A single value is wrapped in a list, as ``InputMultiPath`` does.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> from nipype.interfaces.base import TraitedSpec
+    >>> class Spec(TraitedSpec):
+    ...     in_files = InputMultiImage(ImageFile(exists=True), argstr='%s')
+    >>> spec = Spec()
+    >>> spec.in_files = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> [type(item).__name__ for item in spec.in_files]
+    ['Nifti1Image']
+    """
+
+    def __init__(self, trait: Any = None, value: Any = None, **metadata: Any):
+        super().__init__(trait if trait is not None else ImageFile(exists=True), value, **metadata)
