@@ -2,10 +2,14 @@
 
 import hashlib
 import os
+import sys
 import tempfile
 from pathlib import Path
 
 import pytest
+
+# The example workflows are scripts; tests import them as `realign`, `recover_motion`
+sys.path.insert(0, str(Path(__file__).parent / 'workflows'))
 
 # Doctests and tests write dirty images to a store of their own, never the user's.
 _STORE = tempfile.mkdtemp(prefix='nibtrack-test-store-')

@@ -18,6 +18,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIArrayProxy
 from nibabel.cifti2 import Cifti2Image
 from nibabel.freesurfer.mghformat import MGHImage
+from nibabel.gifti import GiftiImage
 from nibabel.nifti1 import Nifti1Pair
 
 from .digest import edited_cache
@@ -49,6 +50,8 @@ def _family(img: Any) -> tuple[type, tuple[str, ...]]:
     """The class a dirty image keeps when written, and its extensions, fastest first."""
     if isinstance(img, Cifti2Image):
         return Cifti2Image, ('.nii',)
+    if isinstance(img, GiftiImage):
+        return GiftiImage, ('.gii',)
     if isinstance(img, _NIFTI2):
         return nib.Nifti2Image, ('.nii', '.nii.gz')
     if isinstance(img, MGHImage):
@@ -78,6 +81,8 @@ def choose_target(img: Any, formats: tuple[str, ...] | None) -> Target:
     for ext in exts:
         if formats is None or ext in formats:
             return Target(family, ext)
+    if family is GiftiImage:  # a surface has no volume format to be converted to
+        raise ValueError(f'a GiftiImage can only be written as .gii, not as any of {formats}')
     for ext in ('.nii', '.nii.gz'):
         if ext in formats:
             klass = family if family in _NIFTI2 else nib.Nifti1Image
@@ -156,6 +161,10 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
     True
     """
     klass = target.klass
+    if klass is GiftiImage:
+        # to_file_map with a new map leaves img.file_map alone, unlike to_filename
+        img.to_file_map(img.filespec_to_file_map(os.fspath(path)))
+        return img
     if klass is Cifti2Image:
         out = Cifti2Image(
             edited_cache(img) if edited_cache(img) is not None else img.dataobj,

@@ -20,7 +20,9 @@ Notes on nibabel's behaviour that the builders rely on (checked by
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import io
 import os
 import shutil
 from collections.abc import Callable
@@ -299,3 +301,192 @@ def store(tmp_path: Path) -> Any:
 def store_files(store: Store) -> list[Path]:
     """Every file under the store's objects directory."""
     return sorted(p for p in store.objects.rglob('*') if p.is_file()) if store.objects.exists() else []
+
+
+# --------------------------------------------------------------------------- content
+
+
+#: Header fields that say how the file stores the image rather than what it holds:
+#: compared through the data, the affine and the zooms instead.
+REPRESENTATION_FIELDS = frozenset(
+    {
+        'sizeof_hdr', 'magic', 'vox_offset', 'scl_slope', 'scl_inter', 'datatype', 'bitpix',
+        'quatern_b', 'quatern_c', 'quatern_d', 'qoffset_x', 'qoffset_y', 'qoffset_z',
+        'srow_x', 'srow_y', 'srow_z', 'qform_code', 'sform_code', 'pixdim',
+        'type', 'delta', 'Mdc', 'Pxyz_c', 'dims', 'dim', 'funused1', 'funused2', 'funused3',
+        'origin', 'glmax', 'glmin',
+    }
+)  # fmt: skip
+
+
+def visible_data(img: Any) -> np.ndarray:
+    """The voxel values the user sees: a filled ``get_fdata()`` cache, else the data object.
+
+    When the header asks for another float dtype than the data object gives, the values
+    are those after the cast a writer makes (the user chose that precision).
+    """
+    cache = getattr(img, '_fdata_cache', None)
+    if cache is not None:
+        return np.asarray(cache)
+    data = np.asanyarray(img.dataobj)
+    dtype = img.get_data_dtype()
+    if dtype.kind == 'f' and data.dtype != dtype and getattr(img, '_dtype_alias', None) is None:
+        data = data.astype(dtype)
+    return np.asarray(data)
+
+
+def value_bits(arr: Any) -> np.ndarray:
+    """Values as float64 bit patterns: equal iff equal values, with -0.0 and NaN payloads."""
+    arr = np.asarray(arr)
+    assert arr.dtype.kind in 'biuf', arr.dtype
+    assert arr.dtype.itemsize <= 4 or arr.dtype.kind == 'f', 'int64 would not fit float64'
+    return np.ascontiguousarray(arr.astype(np.float64)).view(np.uint64)
+
+
+def assert_same_bits(got: Any, want: Any, what: str = 'data') -> None:
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape, f'{what}: shape {got.shape} != {want.shape}'
+    bad = value_bits(got) != value_bits(want)
+    assert not bad.any(), (
+        f'{what}: {int(bad.sum())} values differ bitwise, first at '
+        f'{np.argwhere(bad)[0].tolist()}: {got[bad][0]!r} != {want[bad][0]!r}'
+    )
+
+
+def extension_list(header: Any) -> list[tuple[int, bytes]]:
+    return [(int(e.get_code()), bytes(e.content)) for e in getattr(header, 'extensions', [])]
+
+
+def _same_field(a: Any, b: Any) -> bool:
+    a, b = np.asarray(a), np.asarray(b)
+    if a.dtype.kind == 'f' or b.dtype.kind == 'f':
+        return a.shape == b.shape and np.array_equal(
+            a.astype(np.float32), b.astype(np.float32), equal_nan=True
+        )
+    return a.shape == b.shape and bool(np.all(a == b))
+
+
+def assert_same_affine(out: Any, img: Any) -> None:
+    """The affine survives exactly where the format stores float64, else to float32.
+
+    NIfTI-2 stores the sform as float64: exact. NIfTI-1 stores float32: the reloaded
+    affine is the float32 rounding of the image's. MGH stores float32 voxel sizes,
+    direction cosines and centre, and the affine is recomposed from them: equal to
+    within float32 precision of those parts.
+    """
+    want = getattr(img, 'affine', None)
+    if want is None:
+        assert getattr(out, 'affine', None) is None
+        return
+    got = out.affine
+    if isinstance(out, (nib.Nifti2Image, nib.Nifti2Pair)):
+        assert np.array_equal(got, want), f'affine not exact:\n{got}\n!=\n{want}'
+    elif isinstance(out, nib.MGHImage):
+        scale = max(1.0, float(np.abs(want).max()))
+        err = float(np.abs(got - want).max())
+        assert err <= 1e-6 * scale, f'MGH affine off by {err}:\n{got}\n!=\n{want}'
+    else:
+        assert np.array_equal(got.astype(np.float32), want.astype(np.float32)), (
+            f'affine differs beyond float32 rounding:\n{got}\n!=\n{want}'
+        )
+
+
+def assert_same_content(out: Any, img: Any) -> None:
+    """``out`` (a written file, reloaded) holds exactly what ``img`` holds.
+
+    Data bitwise (through float64 bit patterns), shape, affine (see
+    :func:`assert_same_affine`), zooms and every header field both headers share
+    except those that only say how the file stores the image; NIfTI extensions and
+    the CIFTI-2 XML exactly.
+    """
+    if isinstance(img, nib.GiftiImage):
+        assert out.to_xml() == img.to_xml()
+        return
+    assert tuple(out.shape) == tuple(img.shape)
+    assert_same_bits(np.asanyarray(out.dataobj), visible_data(img))
+    assert_same_affine(out, img)
+    if isinstance(img, nib.Cifti2Image):
+        assert out.header.to_xml() == img.header.to_xml()
+        assert extension_list(out.nifti_header)[1:] == extension_list(img.nifti_header)[1:]
+        return
+    got_zooms = np.asarray(out.header.get_zooms(), np.float32)
+    want_zooms = np.asarray(img.header.get_zooms(), np.float32)
+    assert np.array_equal(got_zooms, want_zooms), f'zooms {got_zooms} != {want_zooms}'
+    if hasattr(img.header, 'extensions'):
+        assert extension_list(out.header) == extension_list(img.header)
+    if hasattr(img.header, 'keys') and hasattr(out.header, 'keys'):
+        shared = (set(out.header.keys()) & set(img.header.keys())) - REPRESENTATION_FIELDS
+        differ = sorted(k for k in shared if not _same_field(out.header[k], img.header[k]))
+        assert not differ, {k: (out.header[k], img.header[k]) for k in differ}
+
+
+def reload_exact(path: str | os.PathLike) -> Any:
+    """Load a written file back, with nothing cached and no memory map."""
+    return nib.load(path, mmap=False)
+
+
+# --------------------------------------------------------------------------- disk edits
+
+
+def _read_plain(path: Path) -> bytes:
+    raw = path.read_bytes()
+    return gzip.decompress(raw) if path.suffix == '.gz' else raw
+
+
+def _encode(path: Path, plain: bytes) -> bytes:
+    # nibabel's own gzip settings: level 1, mtime 0
+    return gzip.compress(plain, compresslevel=1, mtime=0) if path.suffix == '.gz' else plain
+
+
+def rewrite_in_place(path: Path, transform: Callable[[bytes], bytes]) -> None:
+    """Rewrite ``path`` through ``transform`` keeping its inode (same size if plain)."""
+    new = _encode(path, transform(_read_plain(path)))
+    with open(path, 'r+b') as f:
+        f.write(new)
+        f.truncate()
+
+
+def replace_file(path: Path, transform: Callable[[bytes], bytes]) -> None:
+    """Replace ``path`` by a new file (new inode) holding ``transform`` of its content."""
+    tmp = path.with_name(path.name + '.new')
+    tmp.write_bytes(_encode(path, transform(_read_plain(path))))
+    os.replace(tmp, path)
+
+
+def flip_byte(offset: int) -> Callable[[bytes], bytes]:
+    def transform(raw: bytes) -> bytes:
+        return raw[:offset] + bytes([raw[offset] ^ 0x5A]) + raw[offset + 1 :]
+
+    return transform
+
+
+def header_patch(header_class: type, **fields: Any) -> Callable[[bytes], bytes]:
+    """Set fields of an Analyze/NIfTI header held at the start of the bytes."""
+
+    def transform(raw: bytes) -> bytes:
+        hdr = header_class.from_fileobj(io.BytesIO(raw), check=False)
+        size = len(hdr.binaryblock)
+        for key, value in fields.items():
+            hdr[key] = value
+        return hdr.binaryblock + raw[size:]
+
+    return transform
+
+
+def data_offset(case: FormatCase) -> tuple[Path, int]:
+    """The file holding the voxels of ``case`` and the offset of its first voxel."""
+    if case.family in ('nifti1', 'nifti2', 'analyze'):
+        img = nib.load(case.path)
+        data_file = Path(img.file_map['image'].filename)
+        return data_file, int(img.dataobj.offset)
+    if case.family == 'mgh':
+        return case.path, 284
+    if case.family in ('parrec', 'afni'):
+        return case.files[1], 0
+    raise ValueError(f'no data offset for {case.name}')
+
+
+def touch(path: Path) -> None:
+    """Move mtime (and atime) one minute on: content unchanged."""
+    st = path.stat()
+    os.utime(path, ns=(st.st_atime_ns + 60 * 10**9, st.st_mtime_ns + 60 * 10**9))

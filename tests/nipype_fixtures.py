@@ -1,0 +1,295 @@
+"""Helpers shared by the nipype-layer tests (imported explicitly, not a conftest).
+
+The interfaces defined here live in an importable module (the tests folder is put on
+``sys.path`` by the test modules and on ``PYTHONPATH`` for subprocesses) so that nodes
+using them unpickle in MultiProc spawn/forkserver workers and in batch workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import uuid
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.testing import data_path
+from nipype import config as nipype_config
+from nipype.interfaces.base import (
+    BaseInterface,
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiPath,
+    TraitedSpec,
+    traits,
+)
+
+TESTS_DIR = Path(__file__).resolve().parent
+ANAT = os.path.join(data_path, 'anatomical.nii')
+MGZ = os.path.join(data_path, 'test.mgz')
+
+#: Elastix rigid registration parameters for anatomical.nii (33x41x25), 100 iterations
+ELASTIX_RIGID = """\
+(FixedInternalImagePixelType "float") (MovingInternalImagePixelType "float")
+(FixedImageDimension 3) (MovingImageDimension 3) (UseDirectionCosines "true")
+(Registration "MultiResolutionRegistration") (Interpolator "BSplineInterpolator")
+(ResampleInterpolator "FinalBSplineInterpolator") (Resampler "DefaultResampler")
+(FixedImagePyramid "FixedSmoothingImagePyramid")
+(MovingImagePyramid "MovingSmoothingImagePyramid")
+(Optimizer "AdaptiveStochasticGradientDescent") (Transform "EulerTransform")
+(Metric "AdvancedMattesMutualInformation") (NumberOfResolutions 3)
+(ImagePyramidSchedule 4 4 4 2 2 2 1 1 1) (AutomaticScalesEstimation "true")
+(AutomaticTransformInitialization "true")
+(AutomaticTransformInitializationMethod "GeometricalCenter")
+(HowToCombineTransforms "Compose") (NumberOfHistogramBins 32)
+(MaximumNumberOfIterations 100) (NumberOfSpatialSamples 4096)
+(NewSamplesEveryIteration "true") (ImageSampler "RandomCoordinate")
+(CheckNumberOfSamples "false") (BSplineInterpolationOrder 1)
+(FinalBSplineInterpolationOrder 3) (DefaultPixelValue 0) (WriteResultImage "true")
+(ResultImageFormat "nii.gz") (ResultImagePixelType "float")
+"""
+
+#: Images of at least 16 MB for the pickle-size tests
+BIG_SHAPE = (128, 128, 256)
+
+IMAGE_SUFFIXES = ('.nii', '.nii.gz', '.mgh', '.mgz', '.img', '.hdr', '.mif', '.mhd', '.nrrd')
+
+
+# ---------------------------------------------------------------- external tools
+
+
+def require_tool(name: str) -> str:
+    """Path of an external program; under ``CI=true`` a missing one fails the test."""
+    found = shutil.which(name)
+    if found:
+        return found
+    message = f'{name} is not installed (Debian packages elastix / mrtrix3 provide it)'
+    if os.environ.get('CI', '').lower() == 'true':
+        pytest.fail(f'CI=true and {message}')
+    pytest.skip(message)
+
+
+# ---------------------------------------------------------------- images
+
+
+def random_image(
+    shape: tuple[int, ...] = (8, 9, 10), seed: int | None = None, dtype: str = 'f4'
+) -> nib.Nifti1Image:
+    """An in-memory (dirty) NIfTI image with content unique to ``seed`` (random if None)."""
+    rng = np.random.default_rng(seed if seed is not None else uuid.uuid4().int)
+    data = rng.standard_normal(shape).astype(dtype)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = rng.uniform(-5, 5, 3)
+    return nib.Nifti1Image(data, affine)
+
+
+def big_image(seed: int | None = None) -> nib.Nifti1Image:
+    """An in-memory float32 image of 16 MiB."""
+    img = random_image(BIG_SHAPE, seed)
+    assert img.dataobj.nbytes >= 16 * 2**20
+    return img
+
+
+def copy_anat(folder: Path) -> str:
+    """A private copy of anatomical.nii (so tests may edit the file)."""
+    return shutil.copy(ANAT, folder)
+
+
+# ---------------------------------------------------------------- nipype helpers
+
+
+def node_hash(node: Any, hash_method: str = 'timestamp') -> str:
+    """The hash nipype computes for ``node`` (its ``_get_hashval``) under ``hash_method``.
+
+    Works on a deep copy: nipype memoises the hash on the node, and image-aware specs
+    resolve their images in place when hashed.
+    """
+    node = deepcopy(node)
+    node.config = deepcopy(nipype_config._sections)
+    node.config['execution']['hash_method'] = hash_method
+    node._hashvalue = None
+    node._hashed_inputs = None
+    return node._get_hashval()[1]
+
+
+def image_file_states(*folders: Path | str) -> dict[str, int]:
+    """``{path: mtime_ns}`` of every image file under ``folders`` (store, work dir...)."""
+    out = {}
+    for folder in folders:
+        for path in Path(folder).rglob('*'):
+            if path.is_file() and path.name.lower().endswith(IMAGE_SUFFIXES):
+                out[str(path)] = path.stat().st_mtime_ns
+    return out
+
+
+def written_between(before: dict[str, int], after: dict[str, int]) -> list[str]:
+    """Image files created or rewritten between two :func:`image_file_states`."""
+    return sorted(p for p, m in after.items() if before.get(p) != m)
+
+
+def store_root() -> Path:
+    from nipype_nibtrack import get_store
+
+    return get_store().root
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """Environment for a fresh interpreter: same store, tests folder importable."""
+    env = dict(os.environ)
+    env['PYTHONPATH'] = os.pathsep.join(
+        p for p in (str(TESTS_DIR), env.get('PYTHONPATH', '')) if p
+    )
+    env.setdefault('NIPYPE_NO_ET', '1')
+    env.update(extra)
+    return env
+
+
+def run_python(code: str, *args: str, env: dict | None = None, check: bool = True, **kw: Any):
+    """Run ``code`` in a fresh interpreter; returns the CompletedProcess."""
+    proc = subprocess.run(
+        [sys.executable, '-c', textwrap.dedent(code), *args],
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        **kw,
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f'subprocess failed ({proc.returncode}):\nstdout:\n{proc.stdout}\n'
+            f'stderr:\n{proc.stderr}'
+        )
+    return proc
+
+
+def hide_package_env(tmp: Path, package: str = 'nipype_nibtrack') -> dict[str, str]:
+    """Environment of a worker that cannot import ``package`` (a sitecustomize blocks it)."""
+    folder = tmp / 'hide_package'
+    folder.mkdir(exist_ok=True)
+    (folder / 'sitecustomize.py').write_text(
+        textwrap.dedent(
+            f"""\
+            import sys
+
+
+            class _Hide:
+                def find_spec(self, name, path=None, target=None):
+                    if name == {package!r} or name.startswith({package!r} + '.'):
+                        raise ModuleNotFoundError(f'No module named {{name!r}}', name=name)
+                    return None
+
+
+            sys.meta_path.insert(0, _Hide())
+            """
+        )
+    )
+    env = subprocess_env()
+    env['PYTHONPATH'] = str(folder)
+    return env
+
+
+# ---------------------------------------------------------------- interfaces
+
+
+class ScaleInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='image to scale')
+    factor = traits.Float(2.0, usedefault=True, desc='multiplier')
+    counter_file = traits.Str(desc='one line is appended per execution')
+
+
+class ScaleOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc='scaled image')
+
+
+class Scale(BaseInterface):
+    """A Python interface: multiplies an image; records each execution in a file."""
+
+    input_spec = ScaleInputSpec
+    output_spec = ScaleOutputSpec
+
+    def _out_name(self) -> str:
+        stem = os.path.basename(self.inputs.in_file).split('.')[0]
+        return os.path.abspath(f'{stem}_scaled.nii')
+
+    def _run_interface(self, runtime: Any) -> Any:
+        in_file = self.inputs.in_file
+        # image-aware or not, the interface body only ever sees a plain path
+        assert isinstance(in_file, str) and os.path.isfile(in_file), repr(in_file)
+        if self.inputs.counter_file:
+            with open(self.inputs.counter_file, 'a') as fobj:
+                fobj.write(f'{in_file}\n')
+        img = nib.load(in_file)
+        data = np.asanyarray(img.dataobj, dtype='f4') * self.inputs.factor
+        nib.save(nib.Nifti1Image(data, img.affine), self._out_name())
+        return runtime
+
+    def _list_outputs(self) -> dict:
+        return {'out_file': self._out_name()}
+
+
+class MeanInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiPath(File(exists=True), mandatory=True, desc='images')
+    counter_file = traits.Str(desc='one line is appended per execution')
+
+
+class MeanOutputSpec(TraitedSpec):
+    mean = traits.Float(desc='mean over all voxels of all images')
+
+
+class Mean(BaseInterface):
+    """A Python interface taking a list of images."""
+
+    input_spec = MeanInputSpec
+    output_spec = MeanOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        assert all(isinstance(f, str) for f in self.inputs.in_files)
+        if self.inputs.counter_file:
+            with open(self.inputs.counter_file, 'a') as fobj:
+                fobj.write('mean\n')
+        self._mean = float(
+            np.mean([np.asanyarray(nib.load(f).dataobj).mean() for f in self.inputs.in_files])
+        )
+        return runtime
+
+    def _list_outputs(self) -> dict:
+        return {'mean': self._mean}
+
+
+def count_lines(path: str | Path) -> int:
+    return len(Path(path).read_text().splitlines()) if os.path.exists(path) else 0
+
+
+# Functions for Function nodes (their source is what nipype pickles)
+
+
+def add_one(img, counter_file):
+    """Function node body: returns a new in-memory image."""
+    import nibabel as nib
+    import numpy as np
+
+    if isinstance(img, str):
+        img = nib.load(img)
+    with open(counter_file, 'a') as fobj:
+        fobj.write('add_one\n')
+    data = np.asanyarray(img.dataobj, dtype='f4') + 1
+    return nib.Nifti1Image(data, img.affine)
+
+
+def image_sum(img, counter_file):
+    """Function node body: returns the sum of the voxels."""
+    import nibabel as nib
+    import numpy as np
+
+    if isinstance(img, str):
+        img = nib.load(img)
+    with open(counter_file, 'a') as fobj:
+        fobj.write('image_sum\n')
+    return float(np.asanyarray(img.dataobj, dtype='f8').sum())
