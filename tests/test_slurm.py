@@ -27,7 +27,8 @@ def _cluster_up() -> str | None:
         return 'SLURM is not installed (sudo apt-get install slurm-wlm munge)'
     state = subprocess.run(['sinfo', '-h', '-o', '%T'], capture_output=True, text=True)
     if state.returncode != 0 or ('idle' not in state.stdout and 'mix' not in state.stdout):
-        return f'no SLURM node is up ({state.stdout.strip() or state.stderr.strip()}); run sudo bash .ci/slurm-up.sh'
+        seen = state.stdout.strip() or state.stderr.strip()
+        return f'no SLURM node is up ({seen}); run sudo bash .ci/slurm-up.sh'
     return None
 
 
@@ -39,9 +40,10 @@ def cluster():
             pytest.fail(problem)
         pytest.skip(problem)
     if not shutil.which('elastix'):
-        pytest.fail('elastix is missing') if os.environ.get('CI') == 'true' else pytest.skip(
-            'elastix is missing'
-        )
+        problem = 'elastix is not installed (sudo apt-get install elastix)'
+        if os.environ.get('CI') == 'true':
+            pytest.fail(problem)
+        pytest.skip(problem)
     os.environ.setdefault('LOGNAME', getpass.getuser())
 
 
