@@ -55,7 +55,9 @@ def _family(img: Any) -> tuple[type, tuple[str, ...]]:
     if isinstance(img, _NIFTI2):
         return nib.Nifti2Image, ('.nii', '.nii.gz')
     if isinstance(img, MGHImage):
-        return MGHImage, ('.mgh', '.mgz')
+        if _mgh_holds(img):
+            return MGHImage, ('.mgh', '.mgz')
+        return nib.Nifti1Image, ('.nii', '.nii.gz')  # values that need float64
     return nib.Nifti1Image, ('.nii', '.nii.gz')
 
 
@@ -99,16 +101,65 @@ def choose_target(img: Any, formats: tuple[str, ...] | None) -> Target:
     )
 
 
-def _cache_dtype(cache: np.ndarray, stored: np.dtype, scaled: bool) -> np.dtype:
-    """Keep the stored dtype when every edited value survives it bit for bit."""
-    if scaled or stored == cache.dtype:
-        return cache.dtype
+def _survives(values: np.ndarray, dtype: np.dtype) -> bool:
+    """True when every value comes back from ``dtype`` bit for bit.
+
+    Bytes are compared, not values: ``-0.0`` and NaN payloads count (``equal_nan``
+    would take a NaN whose payload float32 drops for the same NaN).
+
+    >>> f4 = np.dtype('f4')
+    >>> _survives(np.array([0.5, -0.0]), f4), _survives(np.array([0.1]), f4)
+    (True, False)
+    """
+    if dtype == values.dtype:
+        return True
     with np.errstate(all='ignore'):
-        back = cache.astype(stored).astype(cache.dtype)
-    exact = np.array_equal(back, cache, equal_nan=True) and np.array_equal(
-        np.signbit(back), np.signbit(cache)
+        back = values.astype(dtype).astype(values.dtype)
+    return np.array_equal(_raw_bytes(back), _raw_bytes(values))
+
+
+def _raw_bytes(arr: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+
+
+def _supports(header: Any, dtype: np.dtype) -> bool:
+    try:
+        header.copy().set_data_dtype(dtype)
+    except Exception:  # every format raises its own error for a dtype it cannot store
+        return False
+    return True
+
+
+def _exact_dtype(values: np.ndarray, header: Any) -> np.dtype:
+    """The header's dtype when every value survives it bit for bit, else the values' own,
+    else float32 when exact (MGH stores no float64).
+
+    Raises
+    ------
+    ValueError
+        When the header's format can hold the values in none of these.
+    """
+    for dtype in (header.get_data_dtype(), values.dtype, np.dtype(np.float32)):
+        if _supports(header, dtype) and _survives(values, dtype):
+            return dtype
+    raise ValueError(
+        f'a {type(header).__name__} cannot store these {values.dtype} values exactly; '
+        'accept .nii or .nii.gz'
     )
-    return stored if exact else cache.dtype
+
+
+def _float_values(img: Any, header: Any) -> np.ndarray | None:
+    """The values of a data object giving floats that the header would store as integers."""
+    if header.get_data_dtype().kind not in 'iu' or getattr(img, '_dtype_alias', None):
+        return None
+    dataobj = img.dataobj
+    if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
+        if (dataobj.slope, dataobj.inter) == (1.0, 0.0) and dataobj.dtype.kind in 'iub':
+            return None  # the file's own integers
+    elif isinstance(dataobj, np.ndarray) and dataobj.dtype.kind in 'iub':
+        return None
+    values = np.asanyarray(dataobj)
+    return values if values.dtype.kind == 'f' else None
 
 
 def _data_and_header(img: Any, target: type) -> tuple[Any, Any, tuple[float, float] | None]:
@@ -118,8 +169,7 @@ def _data_and_header(img: Any, target: type) -> tuple[Any, Any, tuple[float, flo
     scaled = isinstance(dataobj, ArrayProxy) and (dataobj.slope, dataobj.inter) != (1.0, 0.0)
     cache = edited_cache(img)
     if cache is not None:
-        dtype = _cache_dtype(np.asarray(cache), header.get_data_dtype(), scaled)
-        header.set_data_dtype(dtype)
+        header.set_data_dtype(_exact_dtype(np.asarray(cache), header))
         return cache, header, (1.0, 0.0)
     if (
         scaled
@@ -129,7 +179,22 @@ def _data_and_header(img: Any, target: type) -> tuple[Any, Any, tuple[float, flo
     ):
         # Write the stored integers with their own scaling: re-deriving it moves values
         return dataobj.get_unscaled(), header, (float(dataobj.slope), float(dataobj.inter))
+    values = _float_values(img, header)
+    if values is not None:
+        # Per-slice or per-volume scaling (PAR/REC, MINC, AFNI) or floats in memory under
+        # an integer dtype: one slope re-derived by nibabel would move the values
+        header.set_data_dtype(_exact_dtype(values, header))
+        return values, header, (1.0, 0.0)
     return dataobj, header, None
+
+
+def _mgh_holds(img: Any) -> bool:
+    """True when MGH (at most float32) can hold exactly what ``img`` would write."""
+    try:
+        _data_and_header(img, MGHImage)
+    except ValueError:
+        return False
+    return True
 
 
 def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
@@ -166,17 +231,19 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
         img.to_file_map(img.filespec_to_file_map(os.fspath(path)))
         return img
     if klass is Cifti2Image:
+        cache = edited_cache(img)
         out = Cifti2Image(
-            edited_cache(img) if edited_cache(img) is not None else img.dataobj,
+            img.dataobj if cache is None else cache,
             header=img.header,
             nifti_header=img.nifti_header,
             extra=img.extra,
+            dtype=None if cache is None else _exact_dtype(np.asarray(cache), img.nifti_header),
         )
         out.to_filename(os.fspath(path))
         return out
     data, header, scaling = _data_and_header(img, klass)
     out = klass(data, img.affine, header)
-    if scaling is not None:
+    if scaling is not None and hasattr(out.header, 'set_slope_inter'):  # MGH has no scaling
         out.header.set_slope_inter(*scaling)
     _carry_exact_affine(out, img.affine)
     alias = getattr(img, '_dtype_alias', None)
@@ -189,7 +256,13 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
 def _carry_exact_affine(out: Any, affine: np.ndarray | None) -> None:
     """Put the affine in the sform when nibabel's ``allclose`` test would drop an edit."""
     hdr = out.header
-    if affine is None or not hasattr(hdr, 'set_sform'):
+    if affine is None:
+        return
+    if isinstance(out, MGHImage):
+        if not np.array_equal(hdr.get_affine(), affine):
+            out._affine2header()  # MGH keeps no sform: recompute centre, cosines, zooms
+        return
+    if not hasattr(hdr, 'set_sform'):
         return
     stored = np.float32 if isinstance(out, (nib.Nifti1Image, Nifti1Pair)) else np.float64
     if isinstance(out, _NIFTI2):

@@ -89,13 +89,9 @@ class ImageFile(File):
             )
         try:
             _check_image(value)
-            if hasattr(value, 'dataobj'):
-                choose_target(value, self.formats())
-            else:  # GIFTI and other non-volume images: only a clean file could be passed
-                raise ValueError(
-                    f'{type(value).__name__} images cannot be written as '
-                    f'{list(self.formats())}; save it and pass the file name'
-                )
+            # choose_target knows every family, GIFTI included (written as .gii only):
+            # a surface is refused by a volume input and accepted where .gii is read
+            choose_target(value, self.formats())
         except (ValueError, TypeError) as err:
             raise TraitError(f'{where} cannot take this {type(value).__name__}: {err}') from err
         return value

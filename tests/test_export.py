@@ -1,0 +1,201 @@
+"""export_image writes exactly what an image holds; choose_target picks the format."""
+
+from __future__ import annotations
+
+import nibabel as nib
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from nipype_nibtrack.export import Target, choose_target, export_image
+from tests.conftest import (
+    assert_same_bits,
+    assert_same_content,
+    build_format,
+    reload_exact,
+    value_bits,
+)
+
+NII = Target(nib.Nifti1Image, '.nii')
+
+
+def _write(img, tmp_path, target=NII, name='out'):
+    path = tmp_path / f'{name}{target.ext}'
+    export_image(img, target, path)
+    return reload_exact(path)
+
+
+# --------------------------------------------------------------------------- targets
+
+
+@pytest.mark.parametrize(
+    ('fmt', 'formats', 'klass', 'ext'),
+    [
+        ('nifti1_pair', None, nib.Nifti1Image, '.nii'),
+        ('nifti2_pair', None, nib.Nifti2Image, '.nii'),
+        ('nifti2', ('.nii.gz',), nib.Nifti2Image, '.nii.gz'),
+        ('nifti2', ('.hdr',), nib.Nifti2Pair, '.hdr'),
+        ('mgz', None, nib.MGHImage, '.mgh'),
+        ('mgz', ('.mgz', '.nii'), nib.MGHImage, '.mgz'),
+        ('mgz', ('.nii.gz',), nib.Nifti1Image, '.nii.gz'),
+        ('minc2', None, nib.Nifti1Image, '.nii'),
+        ('parrec', ('.mgz',), nib.MGHImage, '.mgz'),
+        ('cifti2', None, nib.Cifti2Image, '.nii'),
+        ('gifti', None, nib.GiftiImage, '.gii'),
+    ],
+)
+def test_choose_target(fmt, formats, klass, ext, tmp_path):
+    img = build_format(fmt, tmp_path).load()
+    assert choose_target(img, formats) == Target(klass, ext)
+
+
+def test_mgh_edits_needing_float64_go_to_nifti(tmp_path):
+    img = build_format('mgh', tmp_path).load()
+    img.get_fdata()[3, 3, 3] += 1 / 3  # a float64 value float32 cannot hold
+    assert choose_target(img, None) == Target(nib.Nifti1Image, '.nii')
+    out = _write(img, tmp_path)
+    assert out.get_data_dtype() == np.float64
+    assert_same_content(out, img)
+    with pytest.raises(ValueError, match='exactly'):
+        export_image(img, choose_target(img, ('.mgz',)), tmp_path / 'x.mgz')
+
+
+def test_mgh_edits_float32_can_hold_stay_mgh(tmp_path):
+    img = build_format('mgz', tmp_path).load()  # int16 data
+    img.get_fdata()[3, 3, 3] = 0.5
+    assert choose_target(img, None) == Target(nib.MGHImage, '.mgh')
+    out = _write(img, tmp_path, Target(nib.MGHImage, '.mgh'))
+    assert out.get_data_dtype().str[1:] == 'f4'
+    assert_same_content(out, img)
+
+
+# --------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize(
+    ('value', 'dtype'),
+    [(7.0, 'i2'), (-0.0, 'f8'), (0.5, 'f8'), (np.nan, 'f8'), (1e6, 'f8')],
+)
+def test_cache_keeps_the_stored_dtype_only_when_exact(value, dtype, tmp_path):
+    img = build_format('nifti1_pair_gz', tmp_path).load()  # int16, unscaled, has zeros
+    data = img.get_fdata()
+    zero = tuple(np.argwhere(data == 0)[0])
+    data[zero] = value
+    out = _write(img, tmp_path)
+    assert out.get_data_dtype().str[1:] == dtype
+    assert_same_content(out, img)
+
+
+def test_nan_payload_survives(tmp_path):
+    img = build_format('nifti2_gz', tmp_path).load()  # float32 with a NaN
+    data = img.get_fdata()
+    nan = tuple(np.argwhere(np.isnan(data))[0])
+    payload = np.array([0x7FF8000000000ABC], np.uint64).view(np.float64)[0]
+    data[nan] = payload
+    out = _write(img, tmp_path, Target(nib.Nifti2Image, '.nii'))
+    assert np.asanyarray(out.dataobj)[nan].view(np.uint64) == 0x7FF8000000000ABC
+
+
+def test_scaled_proxy_keeps_its_stored_integers_and_scaling(tmp_path):
+    img = build_format('nifti1', tmp_path).load()
+    img.header['descrip'] = b'edited'
+    out = _write(img, tmp_path)
+    assert (out.dataobj.slope, out.dataobj.inter) == (img.dataobj.slope, img.dataobj.inter)
+    assert np.array_equal(out.dataobj.get_unscaled(), img.dataobj.get_unscaled())
+
+
+@pytest.mark.parametrize('fmt', ['parrec_varscale', 'minc1', 'minc2_small', 'afni_scaled'])
+def test_per_slice_scaling_is_written_exactly(fmt, tmp_path):
+    """One NIfTI slope cannot hold per-slice (per-volume) scaled values: floats are written."""
+    img = build_format(fmt, tmp_path).load()
+    out = _write(img, tmp_path)
+    assert out.get_data_dtype().kind == 'f'
+    assert_same_bits(np.asanyarray(out.dataobj), np.asanyarray(img.dataobj))
+
+
+def test_unscaled_integer_formats_keep_their_dtype(tmp_path):
+    img = build_format('afni', tmp_path).load()  # int16, no brick factors
+    out = _write(img, tmp_path)
+    assert out.get_data_dtype().str[1:] == 'i2'
+    assert_same_content(out, img)
+
+
+def test_float_array_under_an_integer_header_is_not_rescaled(tmp_path):
+    data = np.linspace(0, 1, 24).reshape(2, 3, 4)
+    img = nib.Nifti1Image(data, np.eye(4), dtype=np.int16)
+    out = _write(img, tmp_path)
+    assert_same_bits(out.get_fdata(), data)
+
+
+def test_float_header_narrower_than_the_array_is_the_users_choice(tmp_path):
+    data = np.linspace(0, 1, 24).reshape(2, 3, 4)  # float64 values, float32 asked for
+    img = nib.Nifti1Image(data, np.eye(4), dtype=np.float32)
+    out = _write(img, tmp_path)
+    assert out.get_data_dtype().str[1:] == 'f4'
+    assert_same_bits(out.get_fdata(), data.astype(np.float32))
+
+
+# --------------------------------------------------------------------------- affines
+
+
+@pytest.mark.parametrize(
+    ('target', 'exact'),
+    [(NII, False), (Target(nib.Nifti2Image, '.nii'), True), (Target(nib.MGHImage, '.mgh'), False)],
+)
+def test_affine_edits_nibabel_would_drop_are_written(target, exact, tmp_path):
+    img = build_format('nifti2', tmp_path).load()
+    base = img.affine.copy()
+    img.affine[1, 1] *= 1 + 3e-6  # within np.allclose: nib.save would ignore it
+    out = _write(img, tmp_path, target)
+    if exact:
+        assert np.array_equal(out.affine, img.affine)
+    assert abs(out.affine[1, 1] - img.affine[1, 1]) < abs(out.affine[1, 1] - base[1, 1])
+
+
+def test_nib_save_alone_would_lose_these_edits(tmp_path):
+    """The traps export_image exists for, checked against nibabel itself."""
+    img = build_format('nifti1', tmp_path).load()
+    img.get_fdata()[5, 5, 5] += 1
+    img.affine[1, 1] *= 1 + 3e-6
+    nib.save(img, tmp_path / 'naive.nii')
+    naive = reload_exact(tmp_path / 'naive.nii')
+    assert naive.get_fdata()[5, 5, 5] != img.get_fdata()[5, 5, 5]
+    assert naive.affine[1, 1] != np.float32(img.affine[1, 1])
+    assert_same_content(_write(img, tmp_path), img)
+
+
+# --------------------------------------------------------------------------- property
+
+_INT = st.sampled_from(['u1', 'i2', 'i4'])
+
+
+@settings(deadline=None, max_examples=60)
+@given(
+    stored=_INT,
+    slope=st.sampled_from([1.0, 0.5, 3.0]),
+    values=hnp.arrays(
+        np.float64,
+        (2, 3, 4),
+        elements=st.one_of(
+            st.integers(-300, 300).map(float),
+            st.floats(-1e3, 1e3, width=32),
+            st.floats(allow_nan=True, allow_infinity=True),
+            st.just(-0.0),
+        ),
+    ),
+)
+def test_written_values_are_bitwise_equal_whatever_the_edit(
+    tmp_path_factory, stored, slope, values
+):
+    """Any edited cache of any integer image (scaled or not) is written bit for bit."""
+    tmp = tmp_path_factory.mktemp('prop')
+    raw = np.arange(24, dtype=stored).reshape(2, 3, 4)
+    src = nib.Nifti1Image(raw, np.eye(4))
+    src.header.set_slope_inter(slope, 0.0)
+    nib.save(src, tmp / 'src.nii')
+    img = nib.load(tmp / 'src.nii')
+    img.get_fdata()[...] = values
+    out = _write(img, tmp)
+    assert np.array_equal(value_bits(out.get_fdata()), value_bits(values))

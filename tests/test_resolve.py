@@ -1,0 +1,244 @@
+"""as_filename / resolve: own path when clean, the store otherwise, clear errors."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import nipype_nibtrack as nt
+from tests.conftest import (
+    SPATIAL_FORMATS,
+    assert_same_content,
+    build_format,
+    file_hashes,
+    load_format,
+    reload_exact,
+    store_files,
+)
+
+
+def test_clean_image_resolves_without_reading_data(tmp_path, store):
+    """A clean image's own path comes back without its data being read.
+
+    The data region is truncated away: any read of the voxels would raise. The file
+    still holds exactly what the image holds (its proxy reads the same broken file).
+    """
+    case = build_format('nifti1_pair', tmp_path)
+    data_file = case.path  # the .img
+    with open(data_file, 'r+b') as f:
+        f.truncate(16)
+    img = nt.load(case.path)
+    with pytest.raises(Exception):  # noqa: B017 - whatever nibabel raises on short data
+        np.asanyarray(img.dataobj)
+    before = file_hashes(case.files), os.stat(data_file).st_mtime_ns
+    res = nt.resolve(img)
+    assert (res.action, res.path) == ('original', str(data_file))
+    assert store_files(store) == []
+    assert (file_hashes(case.files), os.stat(data_file).st_mtime_ns) == before
+
+
+@pytest.mark.parametrize('fmt', SPATIAL_FORMATS)
+def test_formats_restriction_converts_even_clean_images(fmt, tmp_path, store):
+    case = build_format(fmt, tmp_path)
+    img = case.load()
+    assert not nt.is_dirty(img)
+    res = nt.resolve(img, formats=('.nii',))
+    own = os.path.abspath(img.get_filename())
+    if own.endswith('.nii'):
+        assert (res.action, res.path) == ('original', own)
+        return
+    assert res.action == 'written'
+    assert 'not among the accepted' in res.reason
+    assert res.path.endswith('.nii')
+    assert_same_content(reload_exact(res.path), img)
+    case.assert_unchanged()
+
+
+@pytest.mark.parametrize(
+    ('fmt', 'formats', 'ext'),
+    [
+        ('mgz', ['nii.gz', '.NII'], '.nii'),  # uncompressed first: ~10x faster to write
+        ('mgz', 'NII.GZ', '.nii.gz'),
+        ('mgz', 'mgh', '.mgh'),
+        ('nifti2_gz', ['.nii', '.nii.gz'], '.nii.gz'),
+        ('nifti1', ['.nii.gz'], '.nii.gz'),
+        ('parrec', ('.img',), '.img'),
+    ],
+)
+def test_formats_are_normalised(fmt, formats, ext, tmp_path, store):
+    img = build_format(fmt, tmp_path).load()
+    path = nt.as_filename(img, formats=formats)
+    assert path.endswith(ext)
+    assert_same_content(reload_exact(path), img)
+
+
+def test_empty_formats_is_an_error(tmp_path):
+    img = build_format('nifti1', tmp_path).load()
+    with pytest.raises(ValueError, match='at least one extension'):
+        nt.as_filename(img, formats=[])
+
+
+def test_unwritable_format_is_a_clear_error(tmp_path, store):
+    img = build_format('mgz', tmp_path).load()
+    with pytest.raises(ValueError, match=r'\.mnc'):
+        nt.as_filename(img, formats=('.mnc',))
+
+
+def test_nifti2_stays_nifti2_when_written(tmp_path, store):
+    img = build_format('nifti2', tmp_path).load()
+    img.affine[0, 3] += 1e-12  # only float64 keeps this
+    out = reload_exact(nt.as_filename(img))
+    assert isinstance(out, nib.Nifti2Image)
+    assert np.array_equal(out.affine, img.affine)
+
+
+# --------------------------------------------------------------------------- paths
+
+
+def test_str_and_pathlike_resolve_to_absolute_paths(tmp_path, monkeypatch):
+    case = build_format('mgz', tmp_path)
+    monkeypatch.chdir(tmp_path)
+    relative = os.path.relpath(case.path)
+    assert not os.path.isabs(relative)
+    for value in (relative, Path(relative), str(case.path)):
+        res = nt.resolve(value)
+        assert (res.action, res.path) == ('path', str(case.path))
+
+
+def test_every_format_file_is_returned_as_given(format_file, monkeypatch):
+    monkeypatch.chdir(format_file.parent)
+    assert nt.as_filename(format_file.name) == str(format_file)
+    assert nt.as_filename(format_file) == str(format_file)
+    assert type(load_format(format_file)) is type(load_format(format_file, plain=True))
+
+
+def test_a_path_is_returned_without_conversion(tmp_path):
+    case = build_format('mgz', tmp_path)
+    assert nt.as_filename(str(case.path), formats=('.nii',)) == str(case.path)
+
+
+@pytest.mark.parametrize(
+    ('value', 'error', 'names'),
+    [
+        (3, TypeError, 'int'),
+        (None, TypeError, 'NoneType'),
+        (['a.nii'], TypeError, 'list'),
+        (np.zeros((2, 2, 2)), TypeError, 'ndarray'),
+        ('/no/such/file.nii', FileNotFoundError, '/no/such/file.nii'),
+        (Path('/no/such/file.nii'), FileNotFoundError, '/no/such/file.nii'),
+    ],
+)
+def test_bad_values_are_named_in_the_error(value, error, names):
+    with pytest.raises(error, match=names.replace('.', r'\.')):
+        nt.as_filename(value)
+
+
+def test_image_reading_from_bytes_is_a_clear_error(tmp_path, store):
+    img = nib.Nifti1Image.from_bytes(build_format('nifti1', tmp_path).load().to_bytes())
+    with pytest.raises(ValueError, match=r'in-memory file object \(BytesIO\)'):
+        nt.as_filename(img)
+    assert store_files(store) == []
+    # the error's advice works
+    detached = type(img)(np.asanyarray(img.dataobj), img.affine, img.header)
+    assert_same_content(reload_exact(nt.as_filename(detached)), detached)
+
+
+def test_fileobj_backed_image_is_a_clear_error(tmp_path, store):
+    case = build_format('nifti1', tmp_path)
+    with open(case.path, 'rb') as f:
+        img = nib.Nifti1Image.from_stream(io.BytesIO(f.read()))
+    with pytest.raises(ValueError, match='in-memory'):
+        nt.as_filename(img)
+
+
+# --------------------------------------------------------------------------- the store
+
+
+def test_dirty_image_is_written_once_then_reused(tmp_path, store):
+    img = build_format('nifti1_gz', tmp_path).load()
+    img.header['descrip'] = b'edited'
+    first = nt.resolve(img)
+    assert first.action == 'written'
+    assert first.reason == "header differs from the file's"
+    st1 = os.stat(first.path)
+    again = nt.resolve(img)
+    assert (again.action, again.path, again.reason) == ('reused', first.path, first.reason)
+    st2 = os.stat(again.path)
+    assert (st1.st_ino, st1.st_mtime_ns) == (st2.st_ino, st2.st_mtime_ns)
+    # the same content in another object lands on the same file
+    other = build_format('nifti1_gz', tmp_path / 'other').load()
+    other.header['descrip'] = b'edited'
+    assert nt.as_filename(other) == first.path
+    assert 'reused from the store' in again.describe()
+
+
+def test_different_content_gets_different_files(tmp_path, store):
+    img = build_format('mgh', tmp_path).load()
+    img.header['flip_angle'] = 0.25
+    first = nt.as_filename(img)
+    img.header['flip_angle'] = 0.5
+    second = nt.as_filename(img)
+    assert first != second
+    assert reload_exact(first).header['flip_angle'] == np.float32(0.25)
+    assert reload_exact(second).header['flip_angle'] == np.float32(0.5)
+
+
+@pytest.mark.parametrize(
+    ('name', 'stem'),
+    [
+        ('sub-01_bold.nii.gz', 'sub-01_bold'),
+        ('mean func;rm -rf.nii', 'mean_func_rm_-rf'),
+        ('..hidden.nii', 'hidden'),
+        ('...nii', 'image'),
+    ],
+)
+def test_store_file_names_keep_the_source_stem(name, stem, tmp_path, store):
+    img = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
+    nib.save(img, tmp_path / name)
+    img = nt.load(tmp_path / name)
+    img.header['descrip'] = b'edited'
+    path = Path(nt.as_filename(img))
+    assert path.name == stem + '.nii'  # written as .nii whatever the source's extension
+    assert path.is_relative_to(store.root)
+
+
+def test_in_memory_image_is_named_image(store):
+    path = nt.as_filename(nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4)))
+    assert os.path.basename(path) == 'image.nii'
+
+
+def test_export_does_not_touch_the_image(tmp_path, store):
+    case = build_format('spm2_mat', tmp_path)
+    img = case.load()
+    img.get_fdata()[3, 3, 3] = 0.5
+    img.affine[0, 0] += 1e-9
+    before = (
+        img.get_filename(),
+        img.header.binaryblock,
+        img.affine.tobytes(),
+        img.get_fdata().tobytes(),
+        {k: v.filename for k, v in img.file_map.items()},
+    )
+    nt.as_filename(img)
+    after = (
+        img.get_filename(),
+        img.header.binaryblock,
+        img.affine.tobytes(),
+        img.get_fdata().tobytes(),
+        {k: v.filename for k, v in img.file_map.items()},
+    )
+    assert before == after
+    case.assert_unchanged()
+
+
+def test_explicit_store_argument_is_used(tmp_path, store):
+    other = nt.Store(tmp_path / 'elsewhere')
+    img = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
+    path = nt.as_filename(img, store=other)
+    assert Path(path).is_relative_to(other.root)
+    assert store_files(store) == []

@@ -1,0 +1,353 @@
+"""The content-addressed store: concurrency, crashes, write-once, damage, gc, defaults."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import nipype_nibtrack as nt
+from nipype_nibtrack.store import Store, StoreError
+from tests.conftest import assert_same_content, build_format, reload_exact
+
+DIGEST = '0123456789abcdef0123456789abcdef'
+
+
+def _text(text: str):
+    def write(path: Path) -> None:
+        path.write_text(text)
+
+    return write
+
+
+def _age(store: Store, digest: str, seconds: float) -> None:
+    """Pretend the entry was last used ``seconds`` ago."""
+    when = time.time() - seconds
+    os.utime(store.entry_dir(digest), (when, when))
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+def _resolve_in_child(source: str, root: str, barrier, results) -> None:
+    img = nt.load(source)
+    img.header['descrip'] = b'edited in every process'
+    barrier.wait()
+    res = nt.resolve(img, store=Store(root))
+    results.put((res.action, res.path))
+
+
+def test_many_processes_resolving_one_dirty_image_make_one_file(tmp_path):
+    src = tmp_path / 'big.nii'
+    rng = np.random.default_rng(0)
+    nib.save(nib.Nifti1Image(rng.standard_normal((96, 96, 96)).astype('f4'), np.eye(4)), src)
+    root = tmp_path / 'store'
+    ctx = multiprocessing.get_context('fork')
+    n = 8
+    barrier, results = ctx.Barrier(n), ctx.Queue()
+    procs = [
+        ctx.Process(target=_resolve_in_child, args=(str(src), str(root), barrier, results))
+        for _ in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+    outcomes = [results.get(timeout=60) for _ in range(n)]
+    for proc in procs:
+        proc.join(timeout=60)
+        assert proc.exitcode == 0
+    actions = sorted(action for action, _ in outcomes)
+    assert actions == ['reused'] * (n - 1) + ['written']
+    paths = {path for _, path in outcomes}
+    assert len(paths) == 1
+    store = Store(root)
+    assert store.info().entries == 1 and store.info().files == 1
+    assert list((root / 'tmp').iterdir()) == []
+    img = nt.load(src)
+    img.header['descrip'] = b'edited in every process'
+    assert_same_content(reload_exact(paths.pop()), img)
+
+
+def test_threads_resolving_one_image_make_one_file(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    img = build_format('nifti1_gz', tmp_path).load()
+    img.get_fdata()[1, 1, 1, 0] += 1
+    store = Store(tmp_path / 'store')
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda _: nt.resolve(img, store=store), range(16)))
+    assert len({r.path for r in results}) == 1
+    assert [r.action for r in results].count('written') == 1
+    assert_same_content(reload_exact(results[0].path), img)
+
+
+# --------------------------------------------------------------------------- crashes
+
+_WRITER = textwrap.dedent(
+    """
+    import sys
+    import numpy as np, nibabel as nib
+    from nipype_nibtrack import Store, image_digest, resolve
+    rng = np.random.default_rng(1)
+    img = nib.Nifti1Image(rng.standard_normal((128, 128, 128)).astype('f4'), np.eye(4))
+    print(image_digest(img), flush=True)
+    resolve(img, formats=('.nii.gz',), store=Store(sys.argv[1]))
+    print('finished', flush=True)
+    """
+)
+
+
+def test_sigkill_during_a_write_leaves_no_entry(tmp_path):
+    root = tmp_path / 'store'
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _WRITER, str(root)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        digest = proc.stdout.readline().strip()
+        assert len(digest) == 32
+        deadline = time.monotonic() + 60
+        partial = None
+        while partial is None and time.monotonic() < deadline and proc.poll() is None:
+            tmp = root / 'tmp'
+            found = [d for d in tmp.iterdir() if d.name.startswith(digest)] if tmp.is_dir() else []
+            partial = next((d for d in found if any(d.iterdir())), None)
+            time.sleep(0.001)
+        assert partial is not None, 'the writer never started writing'
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    store = Store(root)
+    assert store.lookup(digest, 'image.nii.gz') is None
+    assert store.info().entries in (0, 1) and store.info().files == 0
+    # the same image, resolved again, is written completely
+    rng = np.random.default_rng(1)
+    img = nib.Nifti1Image(rng.standard_normal((128, 128, 128)).astype('f4'), np.eye(4))
+    assert nt.image_digest(img) == digest
+    res = nt.resolve(img, formats=('.nii',), store=store)
+    assert res.action == 'written'
+    assert_same_content(reload_exact(res.path), img)
+    # gc removes what the killed writer left behind
+    store.gc()
+    assert list((root / 'tmp').iterdir()) == []
+
+
+def test_partial_entry_is_never_returned(tmp_path):
+    store = Store(tmp_path)
+    path, _ = store.put(DIGEST, 'a.nii', _text('complete'))
+    entry = path.parent
+    manifest = entry / '.a.nii.json'
+    manifest.unlink()  # a writer killed between links: image without manifest
+    assert store.lookup(DIGEST, 'a.nii') is None
+    path.unlink()
+    store.put(DIGEST, 'a.nii', _text('complete'))
+    (entry / 'a.nii').unlink()  # manifest without image
+    assert store.lookup(DIGEST, 'a.nii') is None
+
+
+# --------------------------------------------------------------------------- write-once
+
+
+def test_entries_are_written_once(tmp_path):
+    store = Store(tmp_path)
+    calls = []
+
+    def write(path: Path) -> None:
+        calls.append(path)
+        path.write_text('voxels')
+
+    first, written = store.put(DIGEST, 'brain.nii', write)
+    assert written
+    st1 = first.stat()
+    time.sleep(0.01)
+    again, written = store.put(DIGEST, 'brain.nii', write)
+    st2 = again.stat()
+    assert (again, written, len(calls)) == (first, False, 1)
+    assert (st1.st_ino, st1.st_mtime_ns, st1.st_size) == (st2.st_ino, st2.st_mtime_ns, st2.st_size)
+    assert first.read_text() == 'voxels'
+
+
+def test_pair_files_are_stored_together(tmp_path, store):
+    img = build_format('nifti1_pair', tmp_path).load()
+    img.header['descrip'] = b'edited'
+    path = Path(nt.as_filename(img, formats=('.img',)))
+    assert path.suffix == '.img' and path.with_suffix('.hdr').exists()
+    assert store.info().files == 2
+    assert_same_content(reload_exact(path), img)
+    path.with_suffix('.hdr').unlink()  # a damaged pair is not handed out
+    assert store.lookup(path.parent.name, path.name) is None
+
+
+@pytest.mark.parametrize('damage', ['truncate', 'grow', 'replace_by_symlink', 'remove'])
+def test_damaged_entry_is_rewritten(damage, tmp_path):
+    store = Store(tmp_path / 'store')
+    img = build_format('nifti1', tmp_path / 'src').load()
+    img.header['descrip'] = b'edited'
+    path = Path(nt.as_filename(img, store=store))
+    size = path.stat().st_size
+    if damage == 'truncate':
+        with open(path, 'r+b') as f:
+            f.truncate(size // 2)
+    elif damage == 'grow':
+        with open(path, 'ab') as f:
+            f.write(b'junk')
+    elif damage == 'replace_by_symlink':
+        target = tmp_path / 'elsewhere.nii'
+        target.write_bytes(path.read_bytes())
+        path.unlink()
+        path.symlink_to(target)
+    else:
+        path.unlink()
+    assert store.lookup(path.parent.name, path.name) is None
+    res = nt.resolve(img, store=store)
+    assert (res.action, res.path) == ('written', str(path))
+    assert not path.is_symlink() and path.stat().st_size == size
+    assert_same_content(reload_exact(path), img)
+
+
+def test_unsafe_names_and_digests_are_refused(tmp_path):
+    store = Store(tmp_path)
+    for name in ('', '../x.nii', '.hidden.nii', 'a/b.nii', 'x' * 201):
+        with pytest.raises(ValueError, match='not a safe store file name'):
+            store.put(DIGEST, name, _text(''))
+    with pytest.raises(ValueError, match='not a store digest'):
+        store.lookup('../../etc', 'passwd')
+
+
+def test_unwritable_store_names_itself(tmp_path):
+    root = tmp_path / 'a-file'
+    root.write_text('not a directory')
+    store = Store(root)
+    with pytest.raises(StoreError, match=str(root)):
+        store.put(DIGEST, 'a.nii', _text(''))
+
+
+# --------------------------------------------------------------------------- gc and info
+
+
+def _fill(store: Store, n: int, size: int = 1000) -> list[str]:
+    digests = [f'{i:032x}' for i in range(1, n + 1)]
+    for digest in digests:
+        store.put(digest, 'img.nii', _text('x' * size))
+    return digests
+
+
+def test_info_counts_entries_files_and_bytes(tmp_path):
+    store = Store(tmp_path)
+    assert (store.info().entries, store.info().files, store.info().bytes) == (0, 0, 0)
+    _fill(store, 3, 1000)
+    info = store.info()
+    assert (info.location, info.entries, info.files) == (str(tmp_path), 3, 3)
+    manifests = sum(p.stat().st_size for p in store.objects.rglob('.*.json'))
+    assert info.bytes == 3000 + manifests
+
+
+def test_gc_older_than(tmp_path):
+    store = Store(tmp_path)
+    old, recent, fresh = _fill(store, 3)
+    _age(store, old, 10 * 86400)
+    _age(store, recent, 2 * 86400)
+    report = store.gc(older_than_days=5)
+    assert (report.removed, report.kept) == (1, 2)
+    assert not store.entry_dir(old).exists()
+    assert store.lookup(recent, 'img.nii') and store.lookup(fresh, 'img.nii')
+
+
+def test_gc_never_removes_entries_used_in_the_last_hour(tmp_path):
+    store = Store(tmp_path)
+    (digest,) = _fill(store, 1)
+    _age(store, digest, 1800)
+    assert store.gc(older_than_days=0).removed == 0
+    assert store.gc(older_than_days=0, keep_recent_seconds=0).removed == 1
+
+
+def test_lookup_marks_an_entry_as_used(tmp_path):
+    store = Store(tmp_path)
+    (digest,) = _fill(store, 1)
+    _age(store, digest, 10 * 86400)
+    assert store.lookup(digest, 'img.nii') is not None
+    assert store.gc(older_than_days=5).removed == 0
+
+
+def test_gc_max_bytes_removes_least_recently_used_first(tmp_path):
+    store = Store(tmp_path)
+    digests = _fill(store, 4, 1000)
+    for age, digest in zip((5, 4, 3, 2), digests, strict=True):
+        _age(store, digest, age * 86400)
+    per_entry = store.info().bytes // 4
+    report = store.gc(max_bytes=2 * per_entry)
+    assert report.removed == 2
+    assert [store.entry_dir(d).exists() for d in digests] == [False, False, True, True]
+    assert store.info().bytes <= 2 * per_entry
+
+
+def test_gc_skips_locked_entries(tmp_path):
+    store = Store(tmp_path)
+    busy, idle = _fill(store, 2)
+    _age(store, busy, 10 * 86400)
+    _age(store, idle, 10 * 86400)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            '-c',
+            'import sys, time; from filelock import FileLock\n'
+            'with FileLock(sys.argv[1]):\n'
+            '    print("held", flush=True); time.sleep(60)',
+            str(tmp_path / 'locks' / f'{busy}.lock'),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        report = store.gc(older_than_days=1)
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (report.removed, report.skipped_busy) == (1, 1)
+    assert store.entry_dir(busy).exists() and not store.entry_dir(idle).exists()
+    assert store.gc(older_than_days=1).removed == 1
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_default_store_is_private(tmp_path, monkeypatch):
+    monkeypatch.delenv('NIBTRACK_STORE', raising=False)
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    nt.set_store(None)
+    store = nt.get_store()
+    assert store.root == tmp_path / 'cache' / 'nipype_nibtrack' / 'store'
+    path = nt.as_filename(nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4)))
+    assert Path(path).is_relative_to(store.root)
+    for folder in (store.root, store.root / 'objects', store.root / 'tmp', store.root / 'locks'):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+
+
+def test_environment_variable_chooses_the_store(tmp_path, monkeypatch):
+    monkeypatch.setenv('NIBTRACK_STORE', str(tmp_path / 'from-env'))
+    nt.set_store(None)
+    assert nt.get_store().root == tmp_path / 'from-env'
+    path = nt.as_filename(nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4)))
+    assert Path(path).is_relative_to(tmp_path / 'from-env')
+
+
+def test_set_store_overrides_and_resets(tmp_path):
+    chosen = nt.set_store(tmp_path / 'chosen')
+    try:
+        assert nt.get_store() is chosen and chosen.root == tmp_path / 'chosen'
+    finally:
+        nt.set_store(None)
+    assert nt.get_store().root != tmp_path / 'chosen'
