@@ -21,7 +21,7 @@ from nibabel.gifti import GiftiImage
 from .fileid import path_id
 from .snapshot import ProxySpec, proxy_spec, snapshot
 
-__all__ = ['data_digest', 'edited_cache', 'image_digest', 'update_with_array']
+__all__ = ['array_digest', 'data_digest', 'edited_cache', 'image_digest', 'update_with_array']
 
 _VERSION = b'nipype_nibtrack-digest-1'
 _BLOCK_BYTES = 1 << 24
@@ -94,21 +94,41 @@ class _Memo:
 _proxy_digests = _Memo()
 
 
-def _proxy_key(spec: ProxySpec | None, dtype: Any, order: str) -> tuple | None:
+def _proxy_key(spec: ProxySpec | None, *variant: Any) -> tuple | None:
     """Memo key for a proxy's data: only for proxies whose file is known and identified."""
     if spec is None or spec.path is None or spec.in_memory:
         return None
     ident = path_id(spec.path)
     if ident is None:
         return None
-    return (spec.kind, spec.path, spec.params, ident, str(dtype), order)
+    return (spec.kind, spec.path, spec.params, ident, *variant)
 
 
-def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C') -> str:
-    """Digest of ``np.asanyarray(dataobj, dtype)``, read once per file identity.
+def _dtype_key(dtype: np.dtype) -> str:
+    # dtype.str of a structured dtype (RGB) is '|V3': its fields must count too
+    return dtype.str if dtype.fields is None else repr(dtype.descr)
+
+
+def array_digest(arr: np.ndarray, order: str = 'C') -> str:
+    """Digest of an array's dtype, shape and values in ``order``, whatever its layout.
+
+    >>> import numpy as np
+    >>> a = np.arange(6.0).reshape(2, 3)
+    >>> array_digest(a) == array_digest(np.asfortranarray(a)) != array_digest(a, 'F')
+    True
+    """
+    hasher = xxhash.xxh3_128()
+    hasher.update(repr((_dtype_key(arr.dtype), tuple(int(n) for n in arr.shape))).encode())
+    update_with_array(hasher, arr, order)
+    return hasher.hexdigest()
+
+
+def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool = False) -> str:
+    """Digest of ``np.asanyarray(dataobj, dtype)`` (of the stored values with ``raw``),
+    read once per file identity.
 
     A proxy's digest is memoised per file identity (device, inode, size, mtime, ctime),
-    so checking an image again costs no read.
+    so hashing or checking an image again costs no read.
 
     Examples
     --------
@@ -116,24 +136,15 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C') -> str:
     >>> data_digest(np.zeros(3, 'f4')) == data_digest(np.zeros(3, 'f8'), 'f4')
     True
     """
-    key = _proxy_key(proxy_spec(dataobj), dtype, order)
+    spec = proxy_spec(dataobj)
+    key = _proxy_key(spec, str(dtype), order, raw)
     if key is not None and (hit := _proxy_digests.get(key)) is not None:
         return hit
-    hasher = xxhash.xxh3_128()
-    arr = np.asanyarray(dataobj, dtype=dtype)
-    hasher.update(repr((arr.dtype.str, arr.shape)).encode())
-    update_with_array(hasher, arr, order)
-    digest = hasher.hexdigest()
-    if key is not None and _proxy_key(proxy_spec(dataobj), dtype, order) == key:
+    arr = dataobj.get_unscaled() if raw else np.asanyarray(dataobj, dtype=dtype)
+    digest = array_digest(arr, order)
+    if key is not None and _proxy_key(proxy_spec(dataobj), str(dtype), order, raw) == key:
         _proxy_digests.put(key, digest)  # the file did not change while it was read
     return digest
-
-
-def _array_digest(arr: np.ndarray, order: str) -> str:
-    hasher = xxhash.xxh3_128()
-    hasher.update(repr((arr.dtype.str, arr.shape)).encode())
-    update_with_array(hasher, arr, order)
-    return hasher.hexdigest()
 
 
 def edited_cache(img: Any) -> np.ndarray | None:
@@ -159,7 +170,7 @@ def edited_cache(img: Any) -> np.ndarray | None:
             continue
         if cache is img.dataobj:
             continue
-        if _array_digest(cache, 'F') != data_digest(img.dataobj, cache.dtype, 'F'):
+        if array_digest(cache, 'F') != data_digest(img.dataobj, cache.dtype, 'F'):
             return cache
     return None
 
@@ -167,23 +178,18 @@ def edited_cache(img: Any) -> np.ndarray | None:
 def _feed_data(hasher: Any, img: Any) -> None:
     cache = edited_cache(img)
     if cache is not None:
-        hasher.update(b'edited-cache')
-        hasher.update(repr((cache.dtype.str, cache.shape)).encode())
-        update_with_array(hasher, cache)
+        hasher.update(b'edited-cache' + array_digest(cache, 'C').encode())
         return
     dataobj = img.dataobj
     if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
-        # Raw stored values and their scaling determine the scaled values, and
-        # hashing them avoids a float copy; unscaled data hash like an array.
-        raw = dataobj.get_unscaled()
+        # Stored values and their scaling determine the scaled values; hashing them
+        # avoids a float copy. Unscaled stored values hash like the same array in memory.
         slope, inter = float(dataobj.slope), float(dataobj.inter)
         if (slope, inter) != (1.0, 0.0):
             hasher.update(repr(('scaled', slope, inter)).encode())
-        arr = raw
+        hasher.update(data_digest(dataobj, raw=True).encode())
     else:
-        arr = np.asanyarray(dataobj)
-    hasher.update(repr((arr.dtype.str, tuple(int(n) for n in arr.shape))).encode())
-    update_with_array(hasher, arr)
+        hasher.update(data_digest(dataobj).encode())
 
 
 def image_digest(img: Any) -> str:

@@ -194,10 +194,10 @@ def mark_clean(img: Any) -> None:
     main = os.path.abspath(img.get_filename())
     if ids.get(_key_of(paths, main)) is None:
         raise ValueError(f'cannot mark this {type(img).__name__} clean: {main} does not exist.')
-    from .digest import _array_digest
+    from .digest import array_digest
 
     caches = {
-        name: _array_digest(value, 'F')
+        name: array_digest(value, 'F')
         for name in ('_dataobj', '_fdata_cache', '_data_cache')
         if isinstance(value := getattr(img, name, None), np.ndarray)
     }

@@ -28,7 +28,7 @@ from nibabel.gifti import GiftiImage
 from nibabel.minc1 import Minc1Image, MincImageArrayProxy
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
-from .digest import _array_digest, _Memo, data_digest, edited_cache
+from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, fd_id, path_id
 from .provenance import Record, file_identities, file_paths, record_of
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
@@ -213,9 +213,9 @@ def _compare_with_baseline(img: Any, record: Record, current: Snapshot, ids: dic
         if value is None:
             continue
         if name in record.caches:
-            edited = _array_digest(value, 'F') != record.caches[name]
+            edited = array_digest(value, 'F') != record.caches[name]
         else:  # filled after mark_clean: it must equal what the data object reads
-            edited = _array_digest(value, 'F') != data_digest(img.dataobj, value.dtype, 'F')
+            edited = array_digest(value, 'F') != data_digest(img.dataobj, value.dtype, 'F')
         if edited:
             return 'data edited since marked clean'
     return None
