@@ -63,10 +63,11 @@ class ImageFile(File):
     >>> spec.in_file = img
     >>> spec.in_file is img
     True
-    >>> spec.in_file = 42
-    Traceback (most recent call last):
-    ...
-    traits.trait_errors.TraitError: the 'in_file' input of Spec takes a path or a nibabel image, not int: 42
+    >>> try:
+    ...     spec.in_file = 42
+    ... except TraitError as err:
+    ...     print(err)
+    the 'in_file' input of Spec takes a path or a nibabel image, not int: 42
     """
 
     @property
