@@ -14,7 +14,6 @@ sys.path.insert(0, str(Path(__file__).parent / 'workflows'))
 # Doctests and tests write dirty images to a store of their own, never the user's.
 _STORE = tempfile.mkdtemp(prefix='nibtrack-test-store-')
 os.environ['NIBTRACK_STORE'] = _STORE
-os.environ.setdefault('FSLOUTPUTTYPE', 'NIFTI_GZ')
 
 # nipype binds its log handlers to sys.stdout at import: import it before any doctest
 # swaps sys.stdout, so that log lines do not land in the doctests' expected output.
