@@ -39,6 +39,24 @@ def iterable_label(img: Any) -> str:
     return f'{_stem(img)}_{image_digest(img)[:16]}'
 
 
+def _unhashable_image(spec: BaseTraitedSpec) -> tuple[str, Any] | None:
+    """The first input of ``spec`` holding an image that cannot become a file, if any."""
+    for name, value in sorted(spec.trait_get().items()):
+        stack = [value]
+        while stack:
+            item = stack.pop()
+            if isinstance(item, (list, tuple)):
+                stack.extend(item)
+            elif isinstance(item, dict):
+                stack.extend(item.values())
+            elif is_image(item):
+                try:
+                    resolve(item)
+                except (ValueError, TypeError):
+                    return name, item
+    return None
+
+
 def install() -> None:
     """Install the hashing hooks; calling it again changes nothing."""
     if getattr(BaseTraitedSpec._get_sorteddict, '_nibtrack', False):
@@ -60,6 +78,24 @@ def install() -> None:
     def _get_valid_pathstr(value: Any) -> Any:
         return pathstr(iterable_label(value) if is_image(value) else value)
 
+    spec_hashval = BaseTraitedSpec.get_hashval
+
+    def get_hashval(self: BaseTraitedSpec, hash_method: str | None = None) -> Any:
+        try:
+            return spec_hashval(self, hash_method=hash_method)
+        except (ValueError, TypeError) as err:
+            # _get_sorteddict sees values only: name the input holding the bad image
+            # (a Function input takes anything) instead of failing inside nipype
+            culprit = _unhashable_image(self)
+            if culprit is None:
+                raise
+            name, img = culprit
+            raise ValueError(
+                f'the {name!r} input of {type(self).__name__} holds a '
+                f'{type(img).__name__} that cannot be passed on as a file: {err}'
+            ) from err
+
     _get_sorteddict._nibtrack = True
     BaseTraitedSpec._get_sorteddict = _get_sorteddict
+    BaseTraitedSpec.get_hashval = get_hashval
     engine_utils._get_valid_pathstr = _get_valid_pathstr

@@ -84,10 +84,38 @@ def _image_trait(trait_type: Any, formats: tuple[str, ...]) -> Any | None:
     return None
 
 
+def _images_in(value: Any) -> Iterator[Any]:
+    if is_image(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _images_in(item)
+
+
 class _ImageAwareSpec:
-    """Mixed into generated input specs: resolves images before hashing."""
+    """Mixed into generated input specs: resolves images before hashing, shares them
+    between deep copies."""
 
     _nibtrack_formats: tuple[str, ...] = _DEFAULT
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # nipype deep-copies the graph several times per run. A plain spec copies a
+        # single image input by reference, but a list input is a TraitListObject that
+        # traits deep-copies item by item, arrays included: seed the memo so every copy
+        # shares the image objects. They are only ever read, never modified, here.
+        # The seeds are removed afterwards: the memo is shared by the whole graph copy,
+        # and other nodes (Function inputs) keep nipype's own copying.
+        seeded = {}
+        for value in self.trait_get().values():
+            for img in _images_in(value):
+                if id(img) not in memo:
+                    seeded[id(img)] = memo[id(img)] = img
+        try:
+            return super().__deepcopy__(memo)
+        finally:
+            for key, img in seeded.items():
+                if memo.get(key) is img:
+                    del memo[key]
 
     def get_hashval(self, hash_method: str | None = None) -> Any:
         # Inside a node: this runs just before the interface does; the node's copy of
@@ -114,8 +142,12 @@ def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> A
         resolution = resolve(value, formats=formats)
         logger.info('[nibtrack] %s: %s', label, resolution.describe())
         return resolution.path
-    if isinstance(value, (list, tuple)):
-        return type(value)(_resolve_value(v, formats, label) for v in value)
+    # A list input holds a TraitListObject, whose constructor needs its trait: build
+    # plain lists and tuples, which the trait validates again when they are set
+    if isinstance(value, list):
+        return [_resolve_value(v, formats, label) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_resolve_value(v, formats, label) for v in value)
     return value
 
 

@@ -17,6 +17,7 @@ file: in a batch worker that has only imported ``nipype_nibtrack``.
 from __future__ import annotations
 
 import io
+import logging
 import os
 import pickle
 import types
@@ -32,6 +33,8 @@ from .store import ENV_VAR
 from .traits import contains_image, is_image
 
 __all__ = ['ImagePickler', 'ImageReference', 'install', 'load_reference']
+
+logger = logging.getLogger('nipype_nibtrack')
 
 
 def load_reference(path: str) -> Any:
@@ -77,12 +80,30 @@ class ImageReference:
         return f'ImageReference({self.path!r})'
 
 
+def _reference_or_image(img: Any, formats: tuple[str, ...] | None) -> Any:
+    """A reference to ``img``, or ``img`` itself when it cannot become a file.
+
+    Such an image (data in a ``BytesIO``, a surface where a volume is read) is refused
+    with a clear error where it is validated or hashed. A pickle must not fail on it
+    too: nipype pickles the node into its crash file, and an error raised there would
+    hide the real one. Pickled whole, it behaves as in plain nipype.
+    """
+    try:
+        return ImageReference.of(img, formats)
+    except (ValueError, TypeError) as err:
+        logger.warning('nipype_nibtrack: pickling a %s whole: %s', type(img).__name__, err)
+        return img
+
+
 def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
     """``value`` with every image, at any depth of lists, tuples and dicts, a reference."""
     if is_image(value):
-        return ImageReference.of(value, formats)
-    if isinstance(value, (list, tuple)):
-        return type(value)(references(v, formats) for v in value)
+        return _reference_or_image(value, formats)
+    # TraitListObject (a list input's value) cannot be rebuilt by calling its type
+    if isinstance(value, list):
+        return [references(v, formats) for v in value]
+    if isinstance(value, tuple):
+        return tuple(references(v, formats) for v in value)
     if isinstance(value, dict):
         return {k: references(v, formats) for k, v in value.items()}
     return value
@@ -107,7 +128,9 @@ class ImagePickler(pickle.Pickler):
 
     def reducer_override(self, obj: Any) -> Any:
         if is_image(obj):
-            return ImageReference.of(obj).__reduce__()
+            ref = _reference_or_image(obj, None)
+            if isinstance(ref, ImageReference):
+                return ref.__reduce__()
         return NotImplemented
 
 

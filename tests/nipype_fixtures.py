@@ -30,30 +30,48 @@ from nipype.interfaces.base import (
     TraitedSpec,
     traits,
 )
+from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
+from nipype.utils.filemanip import loadpkl  # noqa: F401  (for the tests)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ANAT = os.path.join(data_path, 'anatomical.nii')
 MGZ = os.path.join(data_path, 'test.mgz')
 
-#: Elastix rigid registration parameters for anatomical.nii (33x41x25), 100 iterations
+#: Elastix rigid registration parameters for anatomical.nii (33x41x25), 100 iterations;
+#: elastix reads one parameter per line
 ELASTIX_RIGID = """\
-(FixedInternalImagePixelType "float") (MovingInternalImagePixelType "float")
-(FixedImageDimension 3) (MovingImageDimension 3) (UseDirectionCosines "true")
-(Registration "MultiResolutionRegistration") (Interpolator "BSplineInterpolator")
-(ResampleInterpolator "FinalBSplineInterpolator") (Resampler "DefaultResampler")
+(FixedInternalImagePixelType "float")
+(MovingInternalImagePixelType "float")
+(FixedImageDimension 3)
+(MovingImageDimension 3)
+(UseDirectionCosines "true")
+(Registration "MultiResolutionRegistration")
+(Interpolator "BSplineInterpolator")
+(ResampleInterpolator "FinalBSplineInterpolator")
+(Resampler "DefaultResampler")
 (FixedImagePyramid "FixedSmoothingImagePyramid")
 (MovingImagePyramid "MovingSmoothingImagePyramid")
-(Optimizer "AdaptiveStochasticGradientDescent") (Transform "EulerTransform")
-(Metric "AdvancedMattesMutualInformation") (NumberOfResolutions 3)
-(ImagePyramidSchedule 4 4 4 2 2 2 1 1 1) (AutomaticScalesEstimation "true")
+(Optimizer "AdaptiveStochasticGradientDescent")
+(Transform "EulerTransform")
+(Metric "AdvancedMattesMutualInformation")
+(NumberOfResolutions 3)
+(ImagePyramidSchedule 4 4 4 2 2 2 1 1 1)
+(AutomaticScalesEstimation "true")
 (AutomaticTransformInitialization "true")
 (AutomaticTransformInitializationMethod "GeometricalCenter")
-(HowToCombineTransforms "Compose") (NumberOfHistogramBins 32)
-(MaximumNumberOfIterations 100) (NumberOfSpatialSamples 4096)
-(NewSamplesEveryIteration "true") (ImageSampler "RandomCoordinate")
-(CheckNumberOfSamples "false") (BSplineInterpolationOrder 1)
-(FinalBSplineInterpolationOrder 3) (DefaultPixelValue 0) (WriteResultImage "true")
-(ResultImageFormat "nii.gz") (ResultImagePixelType "float")
+(HowToCombineTransforms "Compose")
+(NumberOfHistogramBins 32)
+(MaximumNumberOfIterations 100)
+(NumberOfSpatialSamples 4096)
+(NewSamplesEveryIteration "true")
+(ImageSampler "RandomCoordinate")
+(CheckNumberOfSamples "false")
+(BSplineInterpolationOrder 1)
+(FinalBSplineInterpolationOrder 3)
+(DefaultPixelValue 0)
+(WriteResultImage "true")
+(ResultImageFormat "nii.gz")
+(ResultImagePixelType "float")
 """
 
 #: Images of at least 16 MB for the pickle-size tests
@@ -86,7 +104,8 @@ def random_image(
     rng = np.random.default_rng(seed if seed is not None else uuid.uuid4().int)
     data = rng.standard_normal(shape).astype(dtype)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    affine[:3, 3] = rng.uniform(-5, 5, 3)
+    # quarter-voxel offsets survive NIfTI's float32 affine exactly: a reload is equal
+    affine[:3, 3] = rng.integers(-20, 20, 3) / 4
     return nib.Nifti1Image(data, affine)
 
 
@@ -201,7 +220,7 @@ def hide_package_env(tmp: Path, package: str = 'nipype_nibtrack') -> dict[str, s
 class ScaleInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc='image to scale')
     factor = traits.Float(2.0, usedefault=True, desc='multiplier')
-    counter_file = traits.Str(desc='one line is appended per execution')
+    counter = traits.Str(desc='folder in which each execution leaves a file')
 
 
 class ScaleOutputSpec(TraitedSpec):
@@ -222,9 +241,8 @@ class Scale(BaseInterface):
         in_file = self.inputs.in_file
         # image-aware or not, the interface body only ever sees a plain path
         assert isinstance(in_file, str) and os.path.isfile(in_file), repr(in_file)
-        if self.inputs.counter_file:
-            with open(self.inputs.counter_file, 'a') as fobj:
-                fobj.write(f'{in_file}\n')
+        if self.inputs.counter:
+            record_run(self.inputs.counter, 'scale')
         img = nib.load(in_file)
         data = np.asanyarray(img.dataobj, dtype='f4') * self.inputs.factor
         nib.save(nib.Nifti1Image(data, img.affine), self._out_name())
@@ -236,7 +254,7 @@ class Scale(BaseInterface):
 
 class MeanInputSpec(BaseInterfaceInputSpec):
     in_files = InputMultiPath(File(exists=True), mandatory=True, desc='images')
-    counter_file = traits.Str(desc='one line is appended per execution')
+    counter = traits.Str(desc='folder in which each execution leaves a file')
 
 
 class MeanOutputSpec(TraitedSpec):
@@ -251,9 +269,8 @@ class Mean(BaseInterface):
 
     def _run_interface(self, runtime: Any) -> Any:
         assert all(isinstance(f, str) for f in self.inputs.in_files)
-        if self.inputs.counter_file:
-            with open(self.inputs.counter_file, 'a') as fobj:
-                fobj.write('mean\n')
+        if self.inputs.counter:
+            record_run(self.inputs.counter, 'mean')
         self._mean = float(
             np.mean([np.asanyarray(nib.load(f).dataobj).mean() for f in self.inputs.in_files])
         )
@@ -263,33 +280,77 @@ class Mean(BaseInterface):
         return {'mean': self._mean}
 
 
-def count_lines(path: str | Path) -> int:
-    return len(Path(path).read_text().splitlines()) if os.path.exists(path) else 0
+def record_run(counter: str, tag: str) -> None:
+    """Leave a file in the folder ``counter`` (a folder: nipype hashes a file's content)."""
+    import os
+    import uuid
+
+    os.makedirs(counter, exist_ok=True)
+    with open(os.path.join(counter, f'{tag}-{uuid.uuid4().hex}'), 'w'):
+        pass
+
+
+def count_runs(counter: str | Path, tag: str = '') -> int:
+    """Executions recorded by :func:`record_run` in ``counter`` (of ``tag`` if given)."""
+    folder = Path(counter)
+    if not folder.is_dir():
+        return 0
+    return sum(1 for p in folder.iterdir() if p.name.startswith(tag))
 
 
 # Functions for Function nodes (their source is what nipype pickles)
 
 
-def add_one(img, counter_file):
+def add_one(img, counter):
     """Function node body: returns a new in-memory image."""
     import nibabel as nib
-    import numpy as np
 
     if isinstance(img, str):
         img = nib.load(img)
-    with open(counter_file, 'a') as fobj:
-        fobj.write('add_one\n')
-    data = np.asanyarray(img.dataobj, dtype='f4') + 1
-    return nib.Nifti1Image(data, img.affine)
+    from nipype_fixtures import record_run
+
+    record_run(counter, 'add_one')
+    # get_fdata, not dataobj: an edited data cache is what the image holds
+    return nib.Nifti1Image(img.get_fdata(dtype='f4') + 1, img.affine)
 
 
-def image_sum(img, counter_file):
+def image_sum(img, counter):
     """Function node body: returns the sum of the voxels."""
     import nibabel as nib
-    import numpy as np
 
     if isinstance(img, str):
         img = nib.load(img)
-    with open(counter_file, 'a') as fobj:
-        fobj.write('image_sum\n')
-    return float(np.asanyarray(img.dataobj, dtype='f8').sum())
+    from nipype_fixtures import record_run
+
+    record_run(counter, 'image_sum')
+    return float(img.get_fdata().sum())
+
+
+# ---------------------------------------------------------------- a local batch plugin
+
+
+class LocalBatchPlugin(SGELikeBatchManagerBase):
+    """nipype's SGE/SLURM/PBS path with a fresh local interpreter as the cluster.
+
+    Every job is the ``batch/node_*.pklz`` + ``pyscript_*.py`` pair written by
+    ``create_pyscript``, run as ``python pyscript_*.py`` in a new process that imports
+    only nipype (the pickle names what else it needs).
+    """
+
+    def __init__(self, **kwargs: Any):
+        self._jobs: dict[int, subprocess.Popen] = {}
+        self._env = (kwargs.get('plugin_args') or {}).get('env') or subprocess_env()
+        super().__init__('#!/bin/sh', **kwargs)
+
+    def _is_pending(self, taskid: int) -> bool:
+        return self._jobs[taskid].poll() is None
+
+    def _submit_batchtask(self, scriptfile: str, node: Any) -> int:
+        batch_dir = os.path.dirname(scriptfile)
+        with open(os.path.join(batch_dir, f'{node._id}.log'), 'ab') as log:
+            proc = subprocess.Popen(
+                ['/bin/sh', scriptfile], env=self._env, stdout=log, stderr=subprocess.STDOUT
+            )
+        self._jobs[proc.pid] = proc
+        self._pending[proc.pid] = node.output_dir()
+        return proc.pid

@@ -1,0 +1,259 @@
+"""ImageFile / InputMultiImage traits and the trait copies made by accept_images."""
+
+import io
+import os
+import sys
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nibabel.gifti import GiftiDataArray, GiftiImage
+from nipype.interfaces import ants, elastix, fsl, mrtrix3
+from nipype.interfaces.base import File, TraitedSpec
+from nipype.interfaces.base.traits_extension import BasePath
+from traits.api import List, TraitError
+from traits.trait_base import _Undefined
+
+import nipype_nibtrack as nt
+from nipype_nibtrack.traits import ImageFile, InputMultiImage, contains_image, is_image
+
+sys.path.insert(0, os.path.dirname(__file__))
+import nipype_fixtures as nf
+
+METADATA = (
+    'argstr',
+    'position',
+    'mandatory',
+    'copyfile',
+    'xor',
+    'requires',
+    'name_source',
+    'name_template',
+    'keep_extension',
+    'hash_files',
+    'genfile',
+    'usedefault',
+    'sep',
+    'desc',
+    'extensions',
+)
+
+INTERFACES = [
+    fsl.FLIRT,
+    elastix.Registration,
+    ants.Registration,
+    ants.ApplyTransforms,
+    mrtrix3.MRConvert,
+]
+
+
+class Spec(TraitedSpec):
+    in_file = ImageFile(exists=True, argstr='-in %s', desc='input image')
+    gz_only = ImageFile(exists=True, extensions=['.nii.gz'], desc='gzipped NIfTI')
+    surface = ImageFile(exists=True, extensions=['.gii'], desc='a GIFTI surface')
+    in_files = InputMultiImage(ImageFile(exists=True), argstr='%s', desc='several')
+
+
+def test_path_is_validated_like_file(tmp_path):
+    spec = Spec()
+    spec.in_file = nf.ANAT
+    assert spec.in_file == nf.ANAT and isinstance(spec.in_file, str)
+    with pytest.raises(TraitError, match='pathlike object or string representing an existing'):
+        spec.in_file = str(tmp_path / 'missing.nii')
+    with pytest.raises(TraitError):
+        spec.gz_only = nf.ANAT  # wrong extension for a path: File's own check
+
+
+def test_image_is_kept_until_run():
+    spec = Spec()
+    img = nf.random_image(seed=1)
+    spec.in_file = img
+    assert spec.in_file is img
+    # the trait is still a path trait for nipype (quoting, rebasing rely on it)
+    trait_type = spec.trait('in_file').trait_type
+    assert isinstance(trait_type, File) and isinstance(trait_type, BasePath)
+    assert 'nibabel image' in trait_type.info_text
+
+
+@pytest.mark.parametrize(
+    'value, type_name',
+    [
+        (42, 'int'),
+        (np.zeros((2, 2, 2)), 'ndarray'),
+        ({'a': 1}, 'dict'),
+        (object(), 'object'),
+    ],
+)
+def test_non_image_object_is_refused_by_name(value, type_name):
+    spec = Spec()
+    with pytest.raises(TraitError) as info:
+        spec.in_file = value
+    message = str(info.value)
+    assert "'in_file'" in message and 'Spec' in message and type_name in message
+
+
+def test_bytesio_image_is_refused():
+    data = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4)).to_bytes()
+    img = nib.Nifti1Image.from_bytes(data)
+    with pytest.raises(TraitError) as info:
+        Spec().in_file = img
+    message = str(info.value)
+    assert "'in_file'" in message and 'Nifti1Image' in message
+    assert 'BytesIO' in message and 'in-memory file object' in message
+
+
+def test_in_memory_image_after_to_bytes_is_accepted():
+    # to_bytes points file_map at a BytesIO, but the data stay in memory: still writable
+    img = nf.random_image(seed=2)
+    img.to_bytes()
+    spec = Spec()
+    spec.in_file = img
+    assert spec.in_file is img
+
+
+def _gifti() -> GiftiImage:
+    return GiftiImage(darrays=[GiftiDataArray(np.arange(5, dtype='f4'))])
+
+
+def test_gifti_to_a_volume_input_is_refused():
+    with pytest.raises(TraitError) as info:
+        Spec().in_file = _gifti()
+    message = str(info.value)
+    assert "'in_file'" in message and 'GiftiImage' in message and '.nii' in message
+
+
+def test_gifti_to_a_surface_input_is_accepted():
+    spec = Spec()
+    img = _gifti()
+    spec.surface = img
+    assert spec.surface is img
+
+
+def test_format_nibabel_cannot_write_is_refused():
+    class OnlyMetaImage(TraitedSpec):
+        in_file = ImageFile(exists=True, extensions=['.mhd'])
+
+    with pytest.raises(TraitError) as info:
+        OnlyMetaImage().in_file = nf.random_image(seed=3)
+    assert "'in_file'" in str(info.value) and '.mhd' in str(info.value)
+    # a path of another format is File's business, not ours
+    with pytest.raises(TraitError):
+        OnlyMetaImage().in_file = nf.ANAT
+
+
+def test_formats_precedence():
+    assert Spec().trait('gz_only').trait_type.formats() == ('.nii.gz',)
+    plain = ImageFile(exists=True, image_formats=('.mgz',))
+    assert plain.formats() == ('.mgz',)
+    assert ImageFile(exists=True).formats(('nii',)) == ('.nii',)
+    assert ImageFile(exists=True).formats() == ('.nii', '.nii.gz')
+
+
+def test_multi_image_wraps_and_mixes():
+    spec = Spec()
+    img = nf.random_image(seed=4)
+    spec.in_files = img
+    assert spec.in_files == [img] and spec.in_files[0] is img
+    spec.in_files = [nf.ANAT, img]
+    assert spec.in_files[0] == nf.ANAT and spec.in_files[1] is img
+    with pytest.raises(TraitError) as info:
+        spec.in_files = [img, 3.5]
+    assert 'float' in str(info.value)
+
+
+def test_is_image_contains_image():
+    img = nf.random_image(seed=5)
+    assert is_image(img) and not is_image(nf.ANAT) and not is_image(np.zeros(3))
+    assert contains_image([nf.ANAT, (1, [img])]) and not contains_image([nf.ANAT, 2])
+
+
+# ---------------------------------------------------------------- accept_images copies
+
+
+def _trait_metadata(trait) -> dict:
+    out = {}
+    for key in METADATA:
+        value = getattr(trait, key, None)
+        if not isinstance(value, _Undefined):
+            out[key] = value
+    return out
+
+
+def _type_attrs(trait_type) -> dict:
+    return {
+        key: getattr(trait_type, key, None) for key in ('exists', 'resolve', '_exts', 'pathlike')
+    }
+
+
+@pytest.mark.parametrize('interface', INTERFACES, ids=lambda c: f'{c.__module__}.{c.__name__}')
+def test_accept_images_keeps_every_trait_and_its_metadata(interface):
+    aware = nt.accept_images(interface)
+    original = interface.input_spec.class_traits()
+    copied = aware.input_spec.class_traits()
+    assert set(original) == set(copied)
+    replaced = 0
+    for name, trait in original.items():
+        new = copied[name]
+        assert _trait_metadata(new) == _trait_metadata(trait), name
+        old_type, new_type = trait.trait_type, new.trait_type
+        if isinstance(old_type, File):
+            replaced += 1
+            assert isinstance(new_type, ImageFile), name
+            assert _type_attrs(new_type) == _type_attrs(old_type), name
+            assert new_type._metadata.items() >= old_type._metadata.items(), name
+        elif isinstance(old_type, List) and isinstance(old_type.item_trait.trait_type, File):
+            replaced += 1
+            assert type(new_type) is type(old_type), name
+            assert isinstance(new_type.item_trait.trait_type, ImageFile), name
+            assert _type_attrs(new_type.item_trait.trait_type) == _type_attrs(
+                old_type.item_trait.trait_type
+            )
+        else:
+            assert new_type is old_type, name  # untouched
+    assert replaced >= 2
+    # the original interface is left alone
+    assert not any(
+        isinstance(t.trait_type, ImageFile) for t in interface.input_spec.class_traits().values()
+    )
+
+
+def test_flirt_metadata_spot_checks():
+    spec = nt.accept_images(fsl.FLIRT)().inputs
+    in_file = spec.trait('in_file')
+    assert (in_file.argstr, in_file.position, in_file.mandatory) == ('-in %s', 0, True)
+    out_file = spec.trait('out_file')
+    assert out_file.name_source == ['in_file'] and out_file.hash_files is False
+    assert spec.trait('reference').trait_type.exists is True
+    assert spec.trait('in_matrix_file').trait_type.exists is False
+    assert spec.trait('reference').copyfile is None
+    assert spec.trait('in_file').trait_type.formats(spec._nibtrack_formats)[:2] == (
+        '.nii',
+        '.nii.gz',
+    )
+
+
+def test_elastix_parameters_list_accepts_paths_only_when_text(tmp_path):
+    spec = nt.accept_images(elastix.Registration)().inputs
+    params = tmp_path / 'rigid.txt'
+    params.write_text(nf.ELASTIX_RIGID)
+    spec.parameters = [str(params)]
+    assert spec.parameters == [str(params)]
+    img = nf.random_image(seed=6)
+    spec.fixed_image = img
+    assert spec.fixed_image is img
+
+
+def test_bytes_io_image_to_interface_input_names_interface():
+    data = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4)).to_bytes()
+    img = nib.Nifti1Image.from_bytes(data)
+    flirt = nt.accept_images(fsl.FLIRT)()
+    with pytest.raises(TraitError) as info:
+        flirt.inputs.in_file = img
+    message = str(info.value)
+    assert 'FLIRT' in message and "'in_file'" in message and 'Nifti1Image' in message
+
+
+def test_io_objects_are_not_paths():
+    with pytest.raises(TraitError) as info:
+        Spec().in_file = io.BytesIO(b'abc')
+    assert 'BytesIO' in str(info.value)
