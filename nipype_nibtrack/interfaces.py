@@ -202,6 +202,20 @@ _made: dict[type, type] = {}
 _made_lock = threading.RLock()
 
 
+def _output_names(interface_class: type) -> set[str]:
+    spec = getattr(interface_class, 'output_spec', None)
+    return set(spec.class_trait_names()) if spec is not None else set()
+
+
+def _names_an_output(name: str, trait: Any, outputs: set[str]) -> bool:
+    """True for a File input that names a file the tool writes.
+
+    An image there would resolve to its own file or a store entry, which the tool would
+    then overwrite: such inputs stay plain ``File`` inputs.
+    """
+    return bool(trait.genfile or trait.name_source or name in outputs)
+
+
 def _encode(klass: type) -> str:
     return f'{klass.__qualname__}{_SEP}{klass.__module__}'.replace('.', ':')
 
@@ -210,7 +224,9 @@ def accept_images(interface_class: type) -> type:
     """A subclass of ``interface_class`` whose file inputs also take nibabel images.
 
     Every ``File`` input and every list of them becomes an :class:`ImageFile` input
-    with the same metadata. Works for ``CommandLine`` interfaces (FSL, elastix, ANTs,
+    with the same metadata, except inputs that name a file the tool writes
+    (``genfile``, ``name_source``, or the name of an output): the tool would overwrite
+    the image's file there. Works for ``CommandLine`` interfaces (FSL, elastix, ANTs,
     mrtrix3...) and for ``BaseInterface`` subclasses written in Python. Calling it
     again returns the same class.
 
@@ -246,10 +262,12 @@ def accept_images(interface_class: type) -> type:
         formats = formats_for(interface_class)
         qualname = _encode(interface_class)
         spec = interface_class.input_spec
+        outputs = _output_names(interface_class)
         replaced = {
             name: new
             for name, trait in spec.class_traits().items()
             if trait.trait_type is not None
+            and not _names_an_output(name, trait, outputs)
             and (new := _image_trait(trait.trait_type, formats)) is not None
         }
         spec_class = type(

@@ -192,11 +192,14 @@ def test_accept_images_keeps_every_trait_and_its_metadata(interface):
     copied = aware.input_spec.class_traits()
     assert set(original) == set(copied)
     replaced = 0
+    outputs = set(interface.output_spec.class_trait_names()) if interface.output_spec else set()
     for name, trait in original.items():
         new = copied[name]
         assert _trait_metadata(new) == _trait_metadata(trait), name
         old_type, new_type = trait.trait_type, new.trait_type
-        if isinstance(old_type, File):
+        if trait.genfile or trait.name_source or name in outputs:
+            assert new_type is old_type, name  # names a file the tool writes: stays File
+        elif isinstance(old_type, File):
             replaced += 1
             assert isinstance(new_type, ImageFile), name
             assert _type_attrs(new_type) == _type_attrs(old_type), name
@@ -257,3 +260,15 @@ def test_io_objects_are_not_paths():
     with pytest.raises(TraitError) as info:
         Spec().in_file = io.BytesIO(b'abc')
     assert 'BytesIO' in str(info.value)
+
+
+def test_inputs_naming_a_written_file_refuse_images():
+    """The tool writes there: an image's own file or store entry would be overwritten."""
+    from nipype.interfaces import mrtrix3
+    from traits.api import TraitError
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), 'f4'), np.eye(4))
+    for interface, name in ((mrtrix3.MRConvert, 'out_file'), (fsl.FLIRT, 'out_file')):
+        spec = nt.accept_images(interface)().inputs
+        with pytest.raises(TraitError):
+            setattr(spec, name, img)
