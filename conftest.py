@@ -1,7 +1,9 @@
 """Session-wide set-up shared by the doctests and the test suite."""
 
+import atexit
 import hashlib
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -13,6 +15,7 @@ sys.path.insert(0, str(Path(__file__).parent / 'workflows'))
 
 # Doctests and tests write dirty images to a store of their own, never the user's.
 _STORE = tempfile.mkdtemp(prefix='nibtrack-test-store-')
+atexit.register(shutil.rmtree, _STORE, ignore_errors=True)
 os.environ['NIBTRACK_STORE'] = _STORE
 
 # nipype binds its log handlers to sys.stdout at import: import it before any doctest

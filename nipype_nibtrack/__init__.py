@@ -9,7 +9,7 @@ from . import hashing, pickling
 from .digest import image_digest
 from .interfaces import accept_images
 from .provenance import load, mark_clean, mark_dirty
-from .resolve import Resolution, as_filename, resolve
+from .resolve import ImageReadError, Resolution, as_filename, resolve
 from .rules import cleanliness_rule, dirty_reason, is_dirty
 from .store import Store, StoreError, get_store, set_store
 from .traits import ImageFile, InputMultiImage
@@ -21,6 +21,7 @@ __version__ = '0.1.0'
 
 __all__ = [
     'ImageFile',
+    'ImageReadError',
     'InputMultiImage',
     'Resolution',
     'Store',

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .store import get_store
+from .store import RECENT_SECONDS, StoreError, get_store
 
 __all__ = ['main']
 
@@ -55,7 +55,16 @@ def build_parser() -> argparse.ArgumentParser:
     store = commands.add_parser('store', help='inspect or clean the image store')
     store_commands = store.add_subparsers(dest='store_command', required=True)
     store_commands.add_parser('info', help='location, entries and bytes').set_defaults(func=_info)
-    gc = store_commands.add_parser('gc', help='delete old or excess entries')
+    gc = store_commands.add_parser(
+        'gc',
+        help='delete old or excess entries',
+        description=(
+            'Delete entries unused for DAYS days, then the least recently used ones until '
+            f'the store holds at most N bytes. Entries used in the last '
+            f'{RECENT_SECONDS / 3600:g} hour(s), being written or being handed out are '
+            'never deleted, so gc may run while workflows do.'
+        ),
+    )
     gc.add_argument('--older-than', type=float, metavar='DAYS', help='unused for DAYS days')
     gc.add_argument('--max-bytes', type=int, metavar='N', help='shrink the store to N bytes')
     gc.set_defaults(func=_gc)
@@ -68,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except StoreError as err:  # its message names the store, the cause and the remedy
+        print(f'nibtrack: {err.strerror or err}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIArrayProxy
 from nibabel.gifti import GiftiImage
 
-from .fileid import path_id
+from .fileid import fd_id, path_id
 from .snapshot import ProxySpec, proxy_spec, snapshot
 
 __all__ = ['array_digest', 'data_digest', 'edited_cache', 'image_digest', 'update_with_array']
@@ -95,13 +95,20 @@ _proxy_digests = _Memo()
 
 
 def _proxy_key(spec: ProxySpec | None, *variant: Any) -> tuple | None:
-    """Memo key for a proxy's data: only for proxies whose file is known and identified."""
+    """Memo key for a proxy's data: only for a known file whose identity has settled.
+
+    A proxy holding a descriptor reads the file it holds, which may no longer be the one
+    at its path: its key is the held file's identity, never the path's.
+    """
     if spec is None or spec.path is None or spec.in_memory:
         return None
-    ident = path_id(spec.path)
-    if ident is None:
+    try:
+        ident = path_id(spec.path) if spec.fd is None else fd_id(spec.fd)
+    except OSError:  # a closed descriptor
         return None
-    return (spec.kind, spec.path, spec.params, ident, *variant)
+    if ident is None or not ident.settled():
+        return None
+    return (spec.kind, spec.path, spec.params, ident, spec.fd is not None, *variant)
 
 
 def _dtype_key(dtype: np.dtype) -> str:

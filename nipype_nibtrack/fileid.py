@@ -2,14 +2,24 @@
 
 ``(device, inode, size, mtime_ns, ctime_ns)``: an in-place rewrite changes mtime and
 ctime, a replacement changes the inode, and restoring mtime by hand still moves ctime.
+
+Timestamps come from the kernel's coarse clock (one tick, up to 10 ms): two rewrites of
+the same size within a tick leave the same identity. Like git's "racily clean" index
+entries, an identity is only trusted to stand for content once it has *settled*: both
+timestamps at least :data:`RACY_NS` in the past.
 """
 
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ['FileId', 'fd_id', 'path_id']
+__all__ = ['RACY_NS', 'FileId', 'all_settled', 'fd_id', 'path_id']
+
+#: How old both timestamps must be before an identity may key a memo (1 s)
+RACY_NS = 1_000_000_000
 
 
 class FileId(NamedTuple):
@@ -41,6 +51,18 @@ class FileId(NamedTuple):
         """
         return other is not None and (self.dev, self.ino) == (other.dev, other.ino)
 
+    def settled(self, now_ns: int | None = None) -> bool:
+        """True when a same-size rewrite can no longer leave this identity unchanged.
+
+        >>> FileId(1, 2, 3, 0, 0).settled()
+        True
+        >>> now = time.time_ns()
+        >>> FileId(1, 2, 3, now, now).settled(now)
+        False
+        """
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return max(self.mtime_ns, self.ctime_ns) <= now_ns - RACY_NS
+
 
 def path_id(path: str | os.PathLike) -> FileId | None:
     """Identity of the file at ``path`` (following symlinks), None when it is missing.
@@ -57,3 +79,13 @@ def path_id(path: str | os.PathLike) -> FileId | None:
 def fd_id(fd: int) -> FileId:
     """Identity of the file an open descriptor refers to (it may no longer have a name)."""
     return FileId.from_stat(os.fstat(fd))
+
+
+def all_settled(ids: Iterable[FileId | None]) -> bool:
+    """True when every identity has settled (a missing file, None, is stable too).
+
+    >>> all_settled([None, FileId(1, 2, 3, 0, 0)])
+    True
+    """
+    now = time.time_ns()
+    return all(ident is None or ident.settled(now) for ident in ids)

@@ -16,9 +16,10 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import xxhash
 from nibabel.filebasedimages import FileBasedImage
 
-from .fileid import FileId, path_id
+from .fileid import FileId, all_settled, path_id
 from .snapshot import Snapshot, snapshot
 
 __all__ = [
@@ -29,6 +30,7 @@ __all__ = [
     'mark_clean',
     'mark_dirty',
     'record_of',
+    'source_files',
 ]
 
 
@@ -39,7 +41,9 @@ class Record:
     ``ids`` are the identities of its files when it was loaded or marked clean,
     ``dataobj`` a weak reference to the data object it had then. ``baseline`` is the
     state the user declared clean (None unless :func:`mark_clean` was called), with
-    ``caches``, the digests of its filled data caches at that moment.
+    ``caches``, the digests of its filled data caches at that moment, and
+    ``file_bytes``, a digest of the files' bytes when their identities had not settled
+    (a same-size rewrite within one clock tick would leave them unchanged).
     """
 
     kwargs: dict = field(default_factory=dict)
@@ -49,6 +53,7 @@ class Record:
     caches: dict[str, str] = field(default_factory=dict)
     forced_dirty: bool = False
     origin: str = 'load'
+    file_bytes: str | None = None
 
     def holds_dataobj(self, dataobj: Any) -> bool:
         return self.dataobj is not None and self.dataobj() is dataobj
@@ -104,6 +109,33 @@ def file_paths(img: Any) -> dict[str, str] | None:
             return None
         paths[key] = os.path.abspath(holder.filename)
     return paths or None
+
+
+def source_files(img: Any) -> tuple[str, ...]:
+    """Absolute paths of every file an image's content depends on.
+
+    The files of its file map and the file its data object reads, which differ after
+    ``set_filename``. Empty for an image held in memory only.
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> img = nib.load(path)
+    >>> source_files(img) == (path,)
+    True
+    >>> img.set_filename('/elsewhere/copy.nii')
+    >>> source_files(img)
+    ('/elsewhere/copy.nii', ...anatomical.nii')
+    """
+    files = dict.fromkeys((file_paths(img) or {}).values())
+    # what the proxy reads: a file name, or a file object with one (PAR/REC, held files)
+    file_like = getattr(getattr(img, 'dataobj', None), 'file_like', None)  # GIFTI: none
+    name = file_like if isinstance(file_like, str) else getattr(file_like, 'name', None)
+    if isinstance(name, str):
+        files[os.path.abspath(name)] = None
+    return tuple(files)
 
 
 def file_identities(paths: dict[str, str]) -> dict[str, FileId | None]:
@@ -211,6 +243,7 @@ def mark_clean(img: Any) -> None:
             baseline=snapshot(img),
             caches=caches,
             origin='mark_clean',
+            file_bytes=None if all_settled(ids.values()) else files_digest(paths),
         ),
     )
 
@@ -233,6 +266,25 @@ def mark_dirty(img: Any) -> None:
         record = Record(origin='mark_dirty')
         _set_record(img, record)
     record.forced_dirty = True
+
+
+def files_digest(paths: dict[str, str]) -> str:
+    """xxh3-128 of the bytes of every existing file in ``paths``, read in blocks.
+
+    >>> import os
+    >>> from nibabel.testing import data_path
+    >>> len(files_digest({'image': os.path.join(data_path, 'anatomical.nii')}))
+    32
+    """
+    hasher = xxhash.xxh3_128()
+    for key, path in sorted(paths.items()):
+        hasher.update(key.encode() + b'\0')
+        if not os.path.exists(path):
+            continue
+        with open(path, 'rb') as fobj:
+            while block := fobj.read(1 << 24):
+                hasher.update(block)
+    return hasher.hexdigest()
 
 
 def _key_of(paths: dict[str, str], path: str) -> str | None:

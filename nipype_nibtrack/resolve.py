@@ -2,28 +2,46 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
+import stat
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
+from nibabel.spatialimages import HeaderDataError
 
 from .digest import image_digest
-from .export import choose_target, export_image
-from .rules import dirty_reason
+from .export import Target, choose_target, export_image
+from .fileid import all_settled, path_id
+from .provenance import source_files
+from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import Store, get_store
 
-__all__ = ['Resolution', 'as_filename', 'normalise_formats', 'resolve']
+__all__ = ['ImageReadError', 'Resolution', 'as_filename', 'normalise_formats', 'resolve']
 
 logger = logging.getLogger('nipype_nibtrack')
 
+# Store names are ASCII: one byte per character, safe in any shell and any tool
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+-]+')
-_STEM_MAX = 80
+_STEM_MAX = 80  # with the longest extension and the manifest's '.json', far below 255 bytes
+_ATTEMPTS = 3
+# What reading voxel data from a damaged, truncated or vanished file raises
+_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
+class ImageReadError(OSError):
+    """An image's voxel data cannot be read from its file; the message names the file."""
+
+
+class _SourceChanged(Exception):
+    """A file the image depends on changed while it was being resolved."""
 
 
 @dataclass(frozen=True)
@@ -114,10 +132,133 @@ def _check_image(img: Any) -> None:
         )
 
 
+def _existing_file(value: str | os.PathLike) -> str:
+    """The absolute path of an existing file, or a clear error saying what is wrong.
+
+    >>> _existing_file('/')
+    Traceback (most recent call last):
+    ...
+    IsADirectoryError: [Errno 21] / is a directory, not an image file (given '/'); ...
+    """
+    raw = os.fspath(value)
+    raw = os.fsdecode(raw) if isinstance(raw, bytes) else raw
+    if not raw:
+        raise ValueError('an empty string is not a file name; pass an existing file or an image')
+    if '\0' in raw:
+        raise ValueError(f'{raw!r} contains a NUL character and cannot name a file')
+    path = os.path.abspath(raw)
+    given = f'(given {raw!r})'
+    try:
+        st = os.stat(path)
+    except (FileNotFoundError, NotADirectoryError):
+        if os.path.islink(path):
+            target = os.path.join(os.path.dirname(path), os.readlink(path))
+            raise FileNotFoundError(
+                errno.ENOENT,
+                f'{path} is a broken symbolic link: its target {os.path.normpath(target)} '
+                f'does not exist {given}; fix the link or pass the image file itself',
+            ) from None
+        raise FileNotFoundError(
+            errno.ENOENT, f'{path} does not exist {given}; pass an existing file or an image'
+        ) from None
+    except OSError as err:  # a symlink loop, a folder we may not enter
+        raise type(err)(err.errno, f'{path} cannot be used: {err.strerror} {given}') from None
+    if stat.S_ISDIR(st.st_mode):
+        raise IsADirectoryError(
+            errno.EISDIR,
+            f'{path} is a directory, not an image file {given}; pass the image file inside it',
+        )
+    return path
+
+
+def _read_error(img: Any, err: BaseException) -> ImageReadError:
+    """A clear error for voxel data that cannot be read, naming the file and the cause."""
+    files = source_files(img)
+    spec = proxy_spec(getattr(img, 'dataobj', None))
+    source = spec.path if spec is not None and spec.path else (files[0] if files else None)
+    cause = ' '.join(str(err).split()) or type(err).__name__
+    if source is not None and path_id(source) is None:
+        what = f'{source} no longer exists (deleted or moved since the image was loaded)'
+    else:
+        what = f'{source} cannot be read ({type(err).__name__}: {cause})'
+        if isinstance(err, EOFError) or 'Expected' in cause:
+            what += ': it is shorter than its header says (truncated or damaged)'
+    return ImageReadError(
+        getattr(err, 'errno', None) or errno.EIO,
+        f'cannot read the voxel data of this {type(img).__name__}: {what}. Restore the '
+        'file, or load the image again from a good copy',
+    )
+
+
+def _identities(files: tuple[str, ...]) -> dict:
+    return {path: path_id(path) for path in files}
+
+
+def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | None) -> Resolution:
+    verdict = cleanliness(img)
+    reason = verdict.reason
+    if reason is None:
+        own = os.path.abspath(img.get_filename())
+        if _accepted(own, accepted):
+            # The file may have changed since the check: re-check for a stat per file
+            if not verdict.still_holds():
+                raise _SourceChanged
+            return Resolution(own, 'original')
+        reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'
+    files = source_files(img)
+    before = _identities(files)
+    try:
+        digest = image_digest(img)
+    except _READ_ERRORS as err:
+        if not files:
+            raise
+        if _identities(files) != before:
+            raise _SourceChanged from err
+        raise _read_error(img, err) from err
+    if _identities(files) != before:  # the digest may mix two versions of the file
+        raise _SourceChanged
+    target = choose_target(img, accepted)
+    # the default store is looked up only now: clean images never need one
+    path, written = (store or get_store()).put(
+        digest,
+        _stem(img) + target.ext,
+        lambda tmp: _write(img, target, tmp, digest, files, before),
+    )
+    resolution = Resolution(str(path), 'written' if written else 'reused', reason)
+    logger.debug('%s', resolution.describe())
+    return resolution
+
+
+def _write(
+    img: Any, target: Target, tmp: str, digest: str, files: tuple[str, ...], before: dict
+) -> None:
+    """Export ``img``; refuse the result if its files changed since it was digested."""
+    try:
+        export_image(img, target, tmp)
+    except HeaderDataError as err:
+        raise ValueError(
+            f'nibabel cannot write this {type(img).__name__} as {target.ext}: {err}'
+        ) from err
+    except Exception as err:
+        if _identities(files) != before:
+            raise _SourceChanged from err
+        raise
+    if _identities(files) != before:  # what was written may not be what was digested
+        raise _SourceChanged
+    if not all_settled(before.values()) and image_digest(img) != digest:
+        # a same-size rewrite within one clock tick leaves the identity unchanged: for
+        # files that recent, read them again (their digests are not memoised anyway)
+        raise _SourceChanged
+
+
 def resolve(
     value: Any, *, formats: Iterable[str] | str | None = None, store: Store | None = None
 ) -> Resolution:
     """Resolve a path or an image to an absolute file name, saying how.
+
+    A clean image's own file is re-checked (a ``stat`` per file) just before its path is
+    returned; a dirty image whose file changes while it is digested or written is
+    resolved again. A path must name an existing file.
 
     Parameters
     ----------
@@ -132,6 +273,12 @@ def resolve(
     -------
     Resolution
 
+    Raises
+    ------
+    ImageReadError
+        A dirty image whose voxel data cannot be read from its file (deleted,
+        truncated, damaged); the message names the file.
+
     Examples
     --------
     >>> import numpy as np, nibabel as nib, tempfile
@@ -145,29 +292,21 @@ def resolve(
     ('reused', 'image has no file', 'image.nii')
     """
     if isinstance(value, (str, os.PathLike)):
-        path = os.path.abspath(os.fspath(value))
-        if not os.path.exists(path):
-            raise FileNotFoundError(
-                f'{path} does not exist (given {value!r}); pass an existing file or an image'
-            )
-        return Resolution(path, 'path')
+        return Resolution(_existing_file(value), 'path')
     _check_image(value)
     accepted = normalise_formats(formats)
-    reason = dirty_reason(value)
-    if reason is None:
-        own = os.path.abspath(value.get_filename())
-        if _accepted(own, accepted):
-            return Resolution(own, 'original')
-        reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'
-    target = choose_target(value, accepted)
-    digest = image_digest(value)
-    name = _stem(value) + target.ext
-    path, written = (store or get_store()).put(
-        digest, name, lambda tmp: export_image(value, target, tmp)
+    for _ in range(_ATTEMPTS):
+        try:
+            return _resolve_image(value, accepted, store)
+        except _SourceChanged:
+            logger.debug('files of %r changed while resolved: again', value)
+    files = ', '.join(source_files(value))
+    raise ImageReadError(
+        errno.EAGAIN,
+        f'{files} kept changing on disk while this {type(value).__name__} was resolved '
+        f'({_ATTEMPTS} attempts). Wait until whatever writes it has finished, or load '
+        'a copy',
     )
-    resolution = Resolution(str(path), 'written' if written else 'reused', reason)
-    logger.debug('%s', resolution.describe())
-    return resolution
 
 
 def as_filename(
@@ -195,10 +334,17 @@ def as_filename(
     TypeError
         ``value`` is neither a path nor a nibabel image.
     FileNotFoundError
-        A path that does not exist.
+        A path that does not exist, or a broken symbolic link (the message names its
+        target).
+    IsADirectoryError
+        A path naming a directory.
     ValueError
         An image whose data live in an in-memory file object, or that cannot be
         written in any accepted format.
+    ImageReadError
+        A dirty image whose voxel data cannot be read from its file.
+    StoreError
+        The store cannot be written (no space, read-only...); the message names it.
 
     Examples
     --------

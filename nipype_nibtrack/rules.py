@@ -29,11 +29,18 @@ from nibabel.minc1 import Minc1Image, MincImageArrayProxy
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
-from .fileid import FileId, fd_id, path_id
-from .provenance import Record, file_identities, file_paths, record_of
+from .fileid import FileId, all_settled, fd_id, path_id
+from .provenance import (
+    Record,
+    file_identities,
+    file_paths,
+    files_digest,
+    record_of,
+    source_files,
+)
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
-__all__ = ['cleanliness_rule', 'dirty_reason', 'is_dirty']
+__all__ = ['Cleanliness', 'cleanliness', 'cleanliness_rule', 'dirty_reason', 'is_dirty']
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,8 @@ def reference(
     finally:
         _release(fresh)
     ref = Reference(snap, repaired)
-    if file_identities(paths) == ids:  # unchanged while we read it
-        _references.put(key, ref)
+    if file_identities(paths) == ids and all_settled(ids.values()):
+        _references.put(key, ref)  # unchanged while read, and no rewrite can hide in a tick
     return ref
 
 
@@ -144,11 +151,17 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
         reason = _compare_with_baseline(img, record, current, ids)
     else:
         reason = _compare_with_reference(img, record, current, paths, ids)
-        if reason is None and edited_cache(img) is not None:
-            reason = 'data edited after get_fdata()'
+        if reason is None:
+            try:
+                edited = edited_cache(img) is not None
+            except Exception as err:  # the file's data cannot be read: cannot prove clean
+                return f'file data cannot be read now ({type(err).__name__}: {err})'
+            if edited:
+                reason = 'data edited after get_fdata()'
     if reason is None:
         reason = _held_file_replaced(current)
-    if reason is not None and record is not None and record.ids and record.ids != ids:
+    changed = record is not None and record.ids and record.ids != ids
+    if reason is not None and changed and not reason.startswith('file changed on disk'):
         when = 'marked clean' if record.baseline is not None else 'load'
         return f'file changed on disk since {when} ({reason})'
     return reason
@@ -198,6 +211,13 @@ def _compare_with_baseline(img: Any, record: Record, current: Snapshot, ids: dic
     base = record.baseline
     if record.ids != ids:
         return 'file changed on disk since marked clean'
+    if record.file_bytes is not None:
+        # marked while the files' timestamps were fresh: identities alone cannot tell
+        # a same-size rewrite within the same clock tick, so compare the bytes
+        if files_digest(file_paths(img) or {}) != record.file_bytes:
+            return 'file changed on disk since marked clean'
+        if all_settled(ids.values()):
+            record.file_bytes = None  # verified after settling: identities suffice now
     if current.header != base.header or current.extensions != base.extensions:
         return 'header changed since marked clean'
     if current.affine != base.affine:
@@ -238,6 +258,78 @@ for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti
     cleanliness_rule.register(_klass, _compare_against_file)
 
 
+@dataclass(frozen=True)
+class Cleanliness:
+    """A cleanliness verdict and the identities of the files it was reached with.
+
+    ``reason`` is None when clean; ``ids`` maps every file the image depends on
+    (:func:`~nipype_nibtrack.provenance.source_files`) to its identity during the check.
+    """
+
+    reason: str | None
+    ids: dict[str, FileId | None]
+
+    def still_holds(self) -> bool:
+        """True when none of the files changed since the check: one ``stat`` per file.
+
+        Examples
+        --------
+        >>> import os, shutil, tempfile, nibabel as nib
+        >>> from nibabel.testing import data_path
+        >>> path = shutil.copy(os.path.join(data_path, 'anatomical.nii'), tempfile.mkdtemp())
+        >>> verdict = cleanliness(nib.load(path))
+        >>> verdict.reason is None, verdict.still_holds()
+        (True, True)
+        >>> os.utime(path, ns=(0, 0))
+        >>> verdict.still_holds()
+        False
+        """
+        return {path: path_id(path) for path in self.ids} == self.ids
+
+
+def cleanliness(img: Any) -> Cleanliness:
+    """Check ``img`` against its file(s) and say which file identities the verdict holds for.
+
+    A file that changes while it is checked is checked again, so the verdict always
+    belongs to one state of the files; :meth:`Cleanliness.still_holds` tells later, for
+    a ``stat`` per file, whether that state is still the one on disk.
+
+    Parameters
+    ----------
+    img : nibabel image
+
+    Returns
+    -------
+    Cleanliness
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> verdict = cleanliness(nib.load(path))
+    >>> verdict.reason is None, list(verdict.ids) == [path]
+    (True, True)
+    """
+    if not isinstance(img, FileBasedImage):
+        raise TypeError(
+            f'expected a nibabel image, got {type(img).__name__}; '
+            'load files with nibabel.load or nipype_nibtrack.load'
+        )
+    files = source_files(img)
+    for _ in range(3):
+        before = {path: path_id(path) for path in files}
+        record = record_of(img)
+        if record is not None and record.forced_dirty:
+            reason = 'marked dirty by the user'
+        else:
+            reason = cleanliness_rule(img, record)
+        after = {path: path_id(path) for path in files}
+        if after == before:
+            return Cleanliness(reason, after)
+    return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
+
+
 def dirty_reason(img: Any) -> str | None:
     """Why ``img`` differs from its file(s), or None when a tool would read exactly it.
 
@@ -263,15 +355,7 @@ def dirty_reason(img: Any) -> str | None:
     >>> dirty_reason(nib.Nifti1Image(img.dataobj, img.affine))
     'image has no file'
     """
-    if not isinstance(img, FileBasedImage):
-        raise TypeError(
-            f'expected a nibabel image, got {type(img).__name__}; '
-            'load files with nibabel.load or nipype_nibtrack.load'
-        )
-    record = record_of(img)
-    if record is not None and record.forced_dirty:
-        return 'marked dirty by the user'
-    return cleanliness_rule(img, record)
+    return cleanliness(img).reason
 
 
 def is_dirty(img: Any) -> bool:

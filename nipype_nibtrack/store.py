@@ -3,45 +3,93 @@
 Layout under the store root::
 
     objects/ab/ab12...ef/<stem><ext>         the image (plus .hdr for pairs)
-    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size of every file of the entry
+    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry
     tmp/<digest>.<random>/                   writes in progress
-    locks/<digest>.lock                      one writer per digest (filelock)
+    locks/<digest>.lock                      flock: exclusive to write or delete, shared to use
 
 An entry is written in ``tmp/`` on the same filesystem, then hard-linked into place:
 ``link`` never replaces an existing file, so an entry, once there, is never rewritten
 or touched (nipype hashes files by size and mtime: a rewrite would rerun every node
 downstream). The manifest is linked before the image, so an image without a matching
-manifest was never completed and is never handed out. The directory's mtime records
-the last use, for :meth:`Store.gc`.
+manifest was never completed and is never handed out.
+
+Before an entry is handed out its files are checked against the manifest: size always,
+xxh3 of the bytes for files up to :data:`VERIFY_MAX_BYTES`, memoised per file identity
+once it has settled (see :mod:`.fileid`), so that reusing an unchanged entry costs a
+``stat``. A damaged entry is written again under its lock; an intact one never is.
+
+The store never follows a symbolic link below its root, never unpickles anything, and
+never lets a name escape its entry directory. The directory's mtime records the last
+use; :meth:`Store.gc` re-reads it under the entry's lock before deleting, and a lookup
+refreshes it under the same lock (shared), so an entry being handed out is never lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import json
+import logging
 import os
 import re
+import shlex
 import shutil
 import stat
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from filelock import FileLock, Timeout
+import xxhash
 
-__all__ = ['ENV_VAR', 'Store', 'StoreError', 'default_store_path', 'get_store', 'set_store']
+from .digest import _Memo
+from .fileid import FileId
+
+__all__ = [
+    'ENV_VAR',
+    'RECENT_SECONDS',
+    'VERIFY_MAX_BYTES',
+    'Store',
+    'StoreError',
+    'default_store_path',
+    'get_store',
+    'set_store',
+]
+
+logger = logging.getLogger('nipype_nibtrack')
 
 ENV_VAR = 'NIBTRACK_STORE'
+#: Entries used more recently than this (seconds) are never deleted by :meth:`Store.gc`:
+#: the grace period during which a tool may still be reading a path it was handed.
+RECENT_SECONDS = 3600.0
+#: Files up to this size have their bytes re-hashed (xxh3, ~10 ms for 64 MiB from the
+#: page cache) when first reused in a process; larger ones get a size check only.
+VERIFY_MAX_BYTES = 64 << 20
+
 _HEX = re.compile(r'^[0-9a-f]{32}$')
-_RECENT_SECONDS = 3600.0
+_NAME_MAX_BYTES = 200  # file systems allow 255 bytes; the manifest adds '.' and '.json'
+_MANIFEST_MAX_BYTES = 1 << 16
+_BLOCK_BYTES = 1 << 24
+_O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+_ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+#: errno values that say the store, not the image being written, is the problem.
+_STORE_ERRNOS = _SPACE | _ACCESS | frozenset({errno.ENAMETOOLONG, errno.EMLINK, errno.EXDEV})
 
 
 class StoreError(OSError):
-    """Writing to or reading from the store failed; the message names the store."""
+    """Writing to or reading from the store failed.
+
+    The message names the store, the cause and what to do about it.
+    """
+
+
+class _Busy(Exception):
+    """The entry's lock is held by another writer, reader or gc."""
 
 
 def default_store_path() -> Path:
@@ -85,6 +133,25 @@ class _Entry:
     size: int
 
 
+# (path, identity, expected xxh3) of entry files whose bytes were checked in this process
+_verified = _Memo(4096)
+
+# Descriptors holding store locks: a forked child closes its copies, so that a lock
+# taken by another thread of the parent is not held on for the child's whole life.
+_held_fds: set[int] = set()
+_held_lock = threading.Lock()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_held_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 class Store:
     """A content-addressed store rooted at ``root``.
 
@@ -93,6 +160,8 @@ class Store:
     root : path-like
         Created if missing. The default location (:func:`default_store_path`) is
         created private to the user (mode 0700); a path given here is used as is.
+    verify_max_bytes : int
+        Files up to this size are re-hashed before their first reuse in a process.
 
     Examples
     --------
@@ -108,10 +177,20 @@ class Store:
     1
     """
 
-    def __init__(self, root: str | os.PathLike, *, private: bool = False):
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        *,
+        private: bool = False,
+        verify_max_bytes: int = VERIFY_MAX_BYTES,
+    ):
         self.root = Path(root).expanduser().absolute()
+        # plain strings on the lookup path: pathlib costs more than the syscalls there
+        self._objects = os.path.join(self.root, 'objects')
+        self._locks = os.path.join(self.root, 'locks')
         self._private = private
         self._ready = False
+        self.verify_max_bytes = verify_max_bytes
 
     def __repr__(self) -> str:
         return f'Store({str(self.root)!r})'
@@ -120,46 +199,285 @@ class Store:
     def objects(self) -> Path:
         return self.root / 'objects'
 
+    # ----------------------------------------------------------------------- errors
+
+    def _error(self, err: OSError, doing: str) -> StoreError:
+        """A StoreError naming the store, the cause and what to do."""
+        cause = err.strerror or str(err)
+        if err.errno in _SPACE:
+            advice = (
+                'Free space there (nibtrack store gc --max-bytes N deletes the least '
+                f'recently used entries) or set {ENV_VAR} to a directory with room'
+            )
+        elif err.errno in _ACCESS:
+            advice = (
+                'Make it writable by this user (check its permissions, and that its file '
+                f'system is not mounted read-only) or set {ENV_VAR} to a writable directory'
+            )
+        elif err.errno == errno.EXDEV:
+            advice = f'Keep objects/ and tmp/ on one file system, or set {ENV_VAR} elsewhere'
+        else:
+            advice = f'Check that directory, or set {ENV_VAR} to another one'
+        return StoreError(
+            err.errno, f'{doing} in the image store at {self.root} failed: {cause}. {advice}'
+        )
+
+    def _planted(self, path: Path) -> StoreError:
+        return StoreError(
+            errno.ELOOP,
+            f'{path} in the image store at {self.root} is a symbolic link or not a '
+            'directory; the store never follows links below its root. Remove it '
+            f'(rm -r {shlex.quote(str(path))}) or set {ENV_VAR} to another directory',
+        )
+
+    # ----------------------------------------------------------------------- layout
+
     def _prepare(self) -> None:
         if self._ready:
             return
         try:
-            if self._private and not self.root.exists():
+            if self._private and not os.path.lexists(self.root):
                 os.makedirs(self.root, mode=0o700)
             for sub in ('objects', 'tmp', 'locks'):
                 os.makedirs(self.root / sub, mode=0o700 if self._private else 0o777, exist_ok=True)
         except OSError as err:
-            raise StoreError(
-                err.errno,
-                f'cannot create the image store at {self.root}: {err.strerror}. '
-                f'Set {ENV_VAR} to a writable directory',
-            ) from err
+            raise self._error(err, 'creating its folders') from err
+        for sub in ('objects', 'tmp', 'locks'):
+            self._real_dir(self.root / sub)
         self._ready = True
+
+    def _real_dir(self, path: Path) -> bool:
+        """True for a real directory, False when missing; a link or a file is refused."""
+        st = _lstat(path)
+        if st is None:
+            return False
+        if not stat.S_ISDIR(st.st_mode):
+            raise self._planted(path)
+        return True
 
     def entry_dir(self, digest: str) -> Path:
         if not _HEX.match(digest):
             raise ValueError(f'not a store digest: {digest!r}')
         return self.objects / digest[:2] / digest
 
-    def _lock(self, digest: str) -> FileLock:
-        return FileLock(str(self.root / 'locks' / f'{digest}.lock'), thread_local=False)
+    def _entry_exists(self, digest: str) -> bool:
+        entry = self.entry_dir(digest)
+        return all(self._real_dir(p) for p in (self.objects, entry.parent, entry))
+
+    def _entry_fd(self, digest: str, *, create: bool) -> int | None:
+        """A descriptor of the entry directory reached without following links.
+
+        None when it is missing (``create`` False); a link on the way is refused.
+        """
+        try:
+            fd = self._open_dir(self._objects)
+        except FileNotFoundError:
+            if create:
+                raise
+            return None
+        path = self._objects
+        try:
+            for part in (digest[:2], digest):
+                path = os.path.join(path, part)
+                if create:
+                    with contextlib.suppress(FileExistsError):
+                        os.mkdir(part, 0o700 if self._private else 0o777, dir_fd=fd)
+                try:
+                    child = os.open(part, _O_DIR, dir_fd=fd)
+                except FileNotFoundError:
+                    if create:
+                        raise
+                    os.close(fd)
+                    return None
+                except OSError as err:
+                    if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                        raise self._planted(path) from err
+                    raise
+                os.close(fd)
+                fd = child
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _open_dir(self, path: str | Path) -> int:
+        try:
+            return os.open(path, _O_DIR)
+        except OSError as err:
+            if err.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise self._planted(Path(path)) from err
+            raise
+
+    # ----------------------------------------------------------------------- locks
+
+    @contextlib.contextmanager
+    def _hold(self, digest: str, *, shared: bool = False, wait: bool = True) -> Iterator[bool]:
+        """Hold the entry's lock; yields False when a shared lock has no file to lock on.
+
+        ``flock`` on ``locks/<digest>.lock``, opened without following links and never
+        truncated. Raises :class:`_Busy` when ``wait`` is False and the lock is taken.
+        """
+        name = f'{digest}.lock'
+        while True:
+            opened = self._open_lock(name, shared)
+            if opened is None:
+                yield False
+                return
+            locks, fd = opened
+            with _held_lock:
+                _held_fds.add(fd)
+            try:
+                mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+                try:
+                    fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    raise _Busy(digest) from None
+                # gc may have unlinked the lock file before we locked it: that guards nothing
+                held = os.fstat(fd)
+                try:
+                    now = os.stat(name, dir_fd=locks, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if (now.st_dev, now.st_ino) != (held.st_dev, held.st_ino):
+                    continue
+                yield True
+                return
+            finally:
+                with _held_lock:
+                    _held_fds.discard(fd)
+                os.close(fd)
+                os.close(locks)
+
+    def _open_lock(self, name: str, shared: bool) -> tuple[int, int] | None:
+        """Descriptors of ``locks/`` and of the lock file ``name`` in it.
+
+        None when a shared lock is asked for and there is no lock file to open (a
+        read-only store, which nobody can gc either).
+        """
+        try:
+            locks = self._open_dir(self._locks)
+        except StoreError:
+            raise
+        except OSError as err:
+            if shared and err.errno in (*_ACCESS, errno.ENOENT):
+                return None
+            if err.errno == errno.ENOENT:  # removed since the store was prepared
+                self._ready = False
+                self._prepare()
+                return self._open_lock(name, shared)
+            raise self._error(err, f'locking {name}') from err
+        try:
+            fd = self._open_lock_file(locks, name, shared)
+        except BaseException:
+            os.close(locks)
+            raise
+        if fd is None:
+            os.close(locks)
+            return None
+        return locks, fd
+
+    def _open_lock_file(self, locks: int, name: str, shared: bool) -> int | None:
+        mode = 0o600 if self._private else 0o666
+        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(name, flags, mode, dir_fd=locks)
+        except OSError as err:
+            if err.errno == errno.ELOOP:
+                raise self._planted(self.root / 'locks' / name) from err
+            if err.errno not in (*_ACCESS, errno.ENOENT):
+                raise self._error(err, f'locking {name}') from err
+            first = err
+        try:  # flock needs no write access: a read-only store can still be locked
+            return os.open(name, _O_READ, dir_fd=locks)
+        except OSError:
+            if shared:
+                return None
+            raise self._error(first, f'locking {name}') from first
+
+    # ----------------------------------------------------------------------- lookup
 
     def lookup(self, digest: str, name: str) -> Path | None:
-        """The complete entry ``name`` of ``digest``, or None. Never follows symlinks."""
-        entry = self.entry_dir(digest)
-        manifest = _read_manifest(entry, name)
-        if manifest is None:
+        """The complete, intact entry ``name`` of ``digest``, or None.
+
+        Checks every file of the entry against its manifest (size, and xxh3 up to
+        ``verify_max_bytes``) and refreshes the entry's last use. Never follows links.
+
+        Raises
+        ------
+        StoreError
+            A directory of the store on the way to the entry is a symbolic link.
+        """
+        if not _HEX.match(digest):
+            raise ValueError(f'not a store digest: {digest!r}')
+        fd = self._entry_fd(digest, create=False)  # no lock file is made for a miss
+        if fd is None:
             return None
-        for fname, size in manifest.items():
-            st = _lstat(entry / fname)
-            if st is None or not stat.S_ISREG(st.st_mode) or st.st_size != size:
-                return None
-        with contextlib.suppress(OSError):  # last use, for gc; never the file itself
-            os.utime(entry)
-        return entry / name
+        try:
+            # gc deletes only under the exclusive lock: what is checked here stays
+            with self._hold(digest, shared=True):
+                return self._check_in(fd, digest, name)[0]
+        finally:
+            os.close(fd)
+
+    def _check(self, digest: str, name: str) -> tuple[Path | None, str | None]:
+        """(path, None) for an intact entry, else (None, what is damaged or None)."""
+        fd = self._entry_fd(digest, create=False)
+        if fd is None:
+            return None, None
+        try:
+            return self._check_in(fd, digest, name)
+        finally:
+            os.close(fd)
+
+    def _check_in(self, fd: int, digest: str, name: str) -> tuple[Path | None, str | None]:
+        with contextlib.suppress(OSError):  # last use, for gc; a read-only store keeps it
+            os.utime(fd)
+        manifest = _read_manifest(fd, name, digest)
+        if manifest is None:
+            if _lstat(name, fd) is not None:
+                return None, 'no valid manifest'
+            return None, None
+        entry = os.path.join(self._objects, digest[:2], digest)
+        for fname, (size, xxh3) in manifest.items():
+            damage = self._damage(fd, entry, fname, size, xxh3)
+            if damage is not None:
+                return None, f'{fname}: {damage}'
+        return Path(entry, name), None
+
+    def _damage(
+        self, dir_fd: int, entry: str, fname: str, size: int, xxh3: str | None
+    ) -> str | None:
+        st = _lstat(fname, dir_fd)
+        if st is None:
+            return 'missing'
+        if not stat.S_ISREG(st.st_mode):
+            return 'not a regular file'
+        if st.st_size != size:
+            return f'{st.st_size} bytes instead of {size}'
+        if xxh3 is None or size > self.verify_max_bytes:
+            return None
+        ident = FileId.from_stat(st)
+        key = (entry, fname, ident, xxh3)
+        if _verified.get(key):
+            return None
+        try:
+            got, stable = _file_xxh3(fname, dir_fd)
+        except OSError as err:
+            return f'unreadable ({err.strerror or err})'
+        if got != xxh3:
+            return 'content differs from its manifest'
+        if stable == ident and ident.settled():
+            _verified.put(key, True)  # unchanged while read, and no rewrite can hide in a tick
+        return None
+
+    # ----------------------------------------------------------------------- write
 
     def put(self, digest: str, name: str, write: Callable[[Path], object]) -> tuple[Path, bool]:
         """Return the entry ``name`` of ``digest``, writing it with ``write(path)`` if needed.
+
+        ``write`` writes the file(s) under the path it is given, in a private temporary
+        folder of the store. An ``OSError`` it raises that is the store's (no space,
+        read-only, permissions) becomes a :class:`StoreError`; anything else passes.
 
         Returns
         -------
@@ -171,50 +489,112 @@ class Store:
         if found is not None:
             return found, False
         self._prepare()
-        with self._lock(digest):
-            found = self.lookup(digest, name)
+        with self._hold(digest):
+            found, damage = self._check(digest, name)
             if found is not None:
                 return found, False
+            if damage is not None:
+                logger.warning(
+                    'store entry %s/%s is damaged (%s): writing it again',
+                    self.entry_dir(digest),
+                    name,
+                    damage,
+                )
             return self._write(digest, name, write), True
 
     def _write(self, digest: str, name: str, write: Callable[[Path], object]) -> Path:
         entry = self.entry_dir(digest)
-        tmpdir = Path(tempfile.mkdtemp(prefix=f'{digest}.', dir=self.root / 'tmp'))
+        if not self._real_dir(self.root / 'tmp'):  # removed since the store was prepared
+            self._ready = False
+            self._prepare()
         try:
-            write(tmpdir / name)
-            files = {f: (tmpdir / f).stat().st_size for f in sorted(os.listdir(tmpdir))}
-            if name not in files:
-                raise StoreError(errno.EIO, f'writing {name} produced {sorted(files)}')
-            manifest = _manifest_name(name)
-            (tmpdir / manifest).write_text(json.dumps({'digest': digest, 'files': files}))
-            if _lstat(entry) is not None and not stat.S_ISDIR(_lstat(entry).st_mode):
-                raise StoreError(errno.EEXIST, f'{entry} is not a directory; remove it')
-            entry.mkdir(parents=True, exist_ok=True)
-            # A stale partial entry (a killed writer, a damaged file) goes first
-            for fname in [*files, manifest]:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(entry / fname)
-            for fname in [*(f for f in files if f != name), manifest, name]:
-                os.link(tmpdir / fname, entry / fname)
-        except StoreError:
-            raise
+            tmpdir = Path(tempfile.mkdtemp(prefix=f'{digest}.', dir=self.root / 'tmp'))
         except OSError as err:
-            raise StoreError(
-                err.errno,
-                f'could not write {name} to the image store at {self.root}: '
-                f'{err.strerror or err}. Free space there or set {ENV_VAR} to another '
-                'directory',
-            ) from err
+            raise self._error(err, f'writing {name}') from err
+        try:
+            try:
+                write(tmpdir / name)
+            except StoreError:
+                raise
+            except OSError as err:
+                if err.errno not in _STORE_ERRNOS:
+                    raise
+                raise self._error(err, f'writing {name}') from err
+            try:
+                self._publish(tmpdir, digest, name)
+            except StoreError:
+                raise
+            except OSError as err:
+                raise self._error(err, f'storing {name}') from err
         finally:
             shutil.rmtree(tmpdir, ignore_errors=True)
         return entry / name
 
+    def _publish(self, tmpdir: Path, digest: str, name: str) -> None:
+        """Hash the files written in ``tmpdir``, write the manifest, link them into place."""
+        tmp_fd = self._open_dir(tmpdir)
+        try:
+            files: dict[str, tuple[int, str]] = {}
+            for fname in sorted(os.listdir(tmp_fd)):
+                xxh3, ident = _file_xxh3(fname, tmp_fd)
+                if ident is None:
+                    raise StoreError(
+                        errno.EAGAIN,
+                        f'{fname} changed while it was stored in the image store at '
+                        f'{self.root}: another process writes in its tmp/ folder. Retry',
+                    )
+                files[fname] = (ident.size, xxh3)
+            if name not in files or any(not _safe_name(f) for f in files):
+                raise StoreError(
+                    errno.EIO,
+                    f'writing {name} in the image store at {self.root} produced '
+                    f'{sorted(files)}; nothing was stored. This is a bug: please report it',
+                )
+            manifest = _manifest_name(name)
+            text = json.dumps(
+                {
+                    'version': 2,
+                    'digest': digest,
+                    'files': {f: v[0] for f, v in files.items()},
+                    'xxh3': {f: v[1] for f, v in files.items()},
+                }
+            ).encode()
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+            fd = os.open(manifest, flags, 0o644, dir_fd=tmp_fd)
+            try:
+                view = memoryview(text)
+                while view:
+                    view = view[os.write(fd, view) :]
+            finally:
+                os.close(fd)
+            entry_fd = self._entry_fd(digest, create=True)
+            try:
+                # A stale partial entry (a killed writer, a damaged file) goes first
+                for fname in [*files, manifest]:
+                    try:
+                        os.unlink(fname, dir_fd=entry_fd)
+                    except FileNotFoundError:
+                        pass
+                    except IsADirectoryError:  # planted in the entry: never followed
+                        shutil.rmtree(fname, dir_fd=entry_fd)
+                for fname in [*(f for f in files if f != name), manifest, name]:
+                    os.link(
+                        fname, fname, src_dir_fd=tmp_fd, dst_dir_fd=entry_fd, follow_symlinks=False
+                    )
+            finally:
+                os.close(entry_fd)
+        finally:
+            os.close(tmp_fd)
+
+    # ----------------------------------------------------------------------- gc and info
+
     def _entries(self) -> list[_Entry]:
         entries = []
-        if not self.objects.is_dir():
+        if not self._real_dir(self.objects):
             return entries
         for shard in self.objects.iterdir():
-            if not shard.is_dir() or shard.is_symlink():
+            st = _lstat(shard)
+            if st is None or not stat.S_ISDIR(st.st_mode):
                 continue
             for entry in shard.iterdir():
                 st = _lstat(entry)
@@ -239,82 +619,167 @@ class Store:
         older_than_days: float | None = None,
         max_bytes: int | None = None,
         *,
-        keep_recent_seconds: float = _RECENT_SECONDS,
+        keep_recent_seconds: float = RECENT_SECONDS,
     ) -> GcReport:
         """Delete entries unused for ``older_than_days``, then the least recently used
         until the store holds at most ``max_bytes``.
 
-        An entry being written (its lock is held) or used in the last
-        ``keep_recent_seconds`` (one hour by default) is never deleted. Leftovers of
-        killed writers are removed.
+        An entry is deleted only under its lock, after its last use is read again
+        there: one being written or handed out (its lock is held) or used in the last
+        ``keep_recent_seconds`` (one hour by default: the time a tool has to open a
+        path it was handed) is never deleted. Leftovers of killed writers go too.
         """
-        now = time.time()
         entries = sorted(self._entries(), key=lambda e: e.used)
         total = sum(e.size for e in entries)
         removed = freed = busy = 0
         for entry in entries:
-            old = older_than_days is not None and now - entry.used > older_than_days * 86400
-            over = max_bytes is not None and total > max_bytes
-            if not (old or over) or now - entry.used < keep_recent_seconds:
+            if not self._unwanted(
+                entry.used, older_than_days, max_bytes, total, keep_recent_seconds
+            ):
                 continue
             try:
-                with self._lock(entry.path.name).acquire(timeout=0):
+                with self._hold(entry.path.name, wait=False):
+                    # The listing is stale: a lookup may have used the entry since
+                    st = _lstat(entry.path)
+                    if st is None or not stat.S_ISDIR(st.st_mode):
+                        continue
+                    if not self._unwanted(
+                        st.st_mtime, older_than_days, max_bytes, total, keep_recent_seconds
+                    ):
+                        continue
                     shutil.rmtree(entry.path)
-            except Timeout:
+            except _Busy:
                 busy += 1
+                continue
+            except OSError as err:
+                logger.warning('gc could not delete %s: %s', entry.path, err)
                 continue
             removed += 1
             freed += entry.size
             total -= entry.size
         busy += self._clean_tmp()
+        self._clean_locks()
         return GcReport(removed, freed, len(entries) - removed, busy)
+
+    @staticmethod
+    def _unwanted(
+        used: float, older: float | None, max_bytes: int | None, total: int, recent: float
+    ) -> bool:
+        age = time.time() - used
+        if age < recent:
+            return False
+        return (older is not None and age > older * 86400) or (
+            max_bytes is not None and total > max_bytes
+        )
 
     def _clean_tmp(self) -> int:
         busy = 0
         tmp = self.root / 'tmp'
-        if not tmp.is_dir():
+        if not self._real_dir(tmp):
             return 0
         for leftover in tmp.iterdir():
             digest = leftover.name.split('.', 1)[0]
             if not _HEX.match(digest):
                 continue
             try:
-                with self._lock(digest).acquire(timeout=0):
+                with self._hold(digest, wait=False):
                     shutil.rmtree(leftover, ignore_errors=True)
-            except Timeout:
+            except _Busy:
                 busy += 1
         return busy
+
+    def _clean_locks(self) -> None:
+        """Remove lock files of digests with neither an entry nor a write in progress."""
+        locks = self.root / 'locks'
+        if not self._real_dir(locks) or not self._real_dir(self.root / 'tmp'):
+            return
+        writing = {p.name.split('.', 1)[0] for p in (self.root / 'tmp').iterdir()}
+        for lock in locks.iterdir():
+            digest = lock.name.removesuffix('.lock')
+            if not _HEX.match(digest) or digest in writing or self._entry_exists(digest):
+                continue
+            with contextlib.suppress(_Busy), self._hold(digest, wait=False):
+                # Holders that opened this file notice it is gone and lock a new one
+                if not self._entry_exists(digest):
+                    with contextlib.suppress(FileNotFoundError):
+                        lock.unlink()
 
 
 def _manifest_name(name: str) -> str:
     return f'.{name}.json'
 
 
-def _read_manifest(entry: Path, name: str) -> dict[str, int] | None:
-    path = entry / _manifest_name(name)
-    st = _lstat(path)
-    if st is None or not stat.S_ISREG(st.st_mode):
-        return None
-    try:
-        files = json.loads(path.read_text())['files']
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not isinstance(files, dict) or name not in files:
-        return None
-    if any('/' in f or f.startswith('..') for f in files):
-        return None
-    return files
+def _safe_name(name: object) -> bool:
+    """A plain file name: no separator, no leading dot, bounded length."""
+    return (
+        isinstance(name, str)
+        and bool(name)
+        and not name.startswith('.')
+        and '/' not in name
+        and '\0' not in name
+        and len(name.encode('utf-8', 'surrogateescape')) <= _NAME_MAX_BYTES
+    )
 
 
-def _lstat(path: Path) -> os.stat_result | None:
+def _read_manifest(
+    entry_fd: int, name: str, digest: str
+) -> dict[str, tuple[int, str | None]] | None:
+    """{file: (size, xxh3 or None)} of the entry ``name``, or None when it is not valid."""
     try:
-        return os.lstat(path)
+        fd = os.open(_manifest_name(name), _O_READ, dir_fd=entry_fd)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_MAX_BYTES:
+            return None
+        data = json.loads(os.read(fd, _MANIFEST_MAX_BYTES))
+        files, hashes = data['files'], data.get('xxh3', {})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+    finally:
+        os.close(fd)
+    if data.get('digest', digest) != digest or not isinstance(files, dict) or name not in files:
+        return None
+    if not isinstance(hashes, dict):
+        return None
+    out = {}
+    for fname, size in files.items():
+        xxh3 = hashes.get(fname)
+        if not _safe_name(fname) or type(size) is not int or size < 0:
+            return None
+        if xxh3 is not None and not (isinstance(xxh3, str) and _HEX.match(xxh3)):
+            return None
+        out[fname] = (size, xxh3)
+    return out
+
+
+def _file_xxh3(name: str, dir_fd: int) -> tuple[str, FileId | None]:
+    """xxh3-128 of a file's bytes, and its identity (None if it changed while read)."""
+    fd = os.open(name, _O_READ, dir_fd=dir_fd)
+    try:
+        before = FileId.from_stat(os.fstat(fd))
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, 'not a regular file')
+        hasher = xxhash.xxh3_128()
+        view = memoryview(bytearray(min(_BLOCK_BYTES, max(before.size, 1))))
+        while n := os.readv(fd, [view]):
+            hasher.update(view[:n])
+        after = FileId.from_stat(os.fstat(fd))
+    finally:
+        os.close(fd)
+    return hasher.hexdigest(), before if after == before else None
+
+
+def _lstat(path: str | Path, dir_fd: int | None = None) -> os.stat_result | None:
+    try:
+        return os.stat(path, dir_fd=dir_fd, follow_symlinks=False)
     except (FileNotFoundError, NotADirectoryError):
         return None
 
 
 def _check_name(name: str) -> None:
-    if not name or '/' in name or '\0' in name or name.startswith('.') or len(name) > 200:
+    if not _safe_name(name):
         raise ValueError(f'not a safe store file name: {name!r}')
 
 
