@@ -1,4 +1,8 @@
-"""The ``nibtrack`` command: manage the image store, run the demo."""
+"""The ``nibtrack`` command: inspect and clean the image store.
+
+The demo is ``scripts/demo.sh`` (``workflows/realign.py``), not a subcommand: the example
+workflows live beside the package, not in it.
+"""
 
 from __future__ import annotations
 
@@ -38,12 +42,6 @@ def _gc(args: argparse.Namespace) -> int:
     return 0
 
 
-def _demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
-
-    return run_demo(args.base_dir, tool=args.tool)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``nibtrack``.
 
@@ -68,10 +66,6 @@ def build_parser() -> argparse.ArgumentParser:
     gc.add_argument('--older-than', type=float, metavar='DAYS', help='unused for DAYS days')
     gc.add_argument('--max-bytes', type=int, metavar='N', help='shrink the store to N bytes')
     gc.set_defaults(func=_gc)
-    demo = commands.add_parser('demo', help='run the realignment example twice')
-    demo.add_argument('--base-dir', default=None, help='work directory (default: a temp dir)')
-    demo.add_argument('--tool', choices=('auto', 'flirt', 'elastix'), default='auto')
-    demo.set_defaults(func=_demo)
     return parser
 
 
