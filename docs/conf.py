@@ -23,5 +23,10 @@ nitpicky = False
 exclude_patterns = ['_build']
 html_theme = 'alabaster'
 html_static_path = ['_static']
-html_theme_options = {'description': 'nibabel images straight into nipype', 'page_width': '1100px'}
+html_css_files = ['custom.css']
+html_theme_options = {
+    'description': 'nibabel images straight into nipype',
+    'page_width': '1180px',
+    'code_font_size': '0.8em',
+}
 intersphinx_mapping = {}
