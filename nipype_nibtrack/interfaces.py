@@ -125,7 +125,13 @@ class _ImageAwareSpec:
 
 
 def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
-    """Extensions the input ``name`` of ``spec`` reads (None: any, as for ``traits.Any``)."""
+    """Extensions the input ``name`` of ``spec`` reads (None: any, as for ``traits.Any``).
+
+    >>> from nipype.interfaces import fsl
+    >>> spec = accept_images(fsl.FLIRT)().inputs
+    >>> trait_formats(spec, 'in_file')[:2], trait_formats(spec, 'dof')
+    (('.nii', '.nii.gz'), None)
+    """
     trait = spec.trait(name)
     trait_type = trait.trait_type if trait is not None else None
     while isinstance(trait_type, List):
@@ -158,6 +164,17 @@ def resolve_spec_images(spec: Any) -> dict[str, Any]:
     -------
     dict
         The replaced values by input name, to put back with ``spec.trait_set``.
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> from nipype.interfaces import fsl
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> spec = accept_images(fsl.FLIRT)(in_file=nib.load(path)).inputs
+    >>> replaced = resolve_spec_images(spec)
+    >>> spec.in_file == path, type(replaced['in_file']).__name__
+    (True, 'Nifti1Image')
     """
     replaced = {}
     label = type(spec).__name__.removesuffix('InputSpec') or type(spec).__name__

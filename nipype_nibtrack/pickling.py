@@ -96,7 +96,14 @@ def _reference_or_image(img: Any, formats: tuple[str, ...] | None) -> Any:
 
 
 def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
-    """``value`` with every image, at any depth of lists, tuples and dicts, a reference."""
+    """``value`` with every image, at any depth of lists, tuples and dicts, a reference.
+
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> references({'in': [nib.load(path), 3]})['in'][0].path == path
+    True
+    """
     if is_image(value):
         return _reference_or_image(value, formats)
     # TraitListObject (a list input's value) cannot be rebuilt by calling its type

@@ -64,7 +64,14 @@ _lock = threading.Lock()
 
 
 def record_of(img: Any) -> Record | None:
-    """The provenance record of ``img``, or None when it has none."""
+    """The provenance record of ``img``, or None when it has none.
+
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> record_of(nib.load(path)) is None, record_of(load(path)).origin
+    (True, 'load')
+    """
     with _lock:
         entry = _records.get(id(img))
     if entry is None or entry[0]() is not img:
@@ -139,7 +146,12 @@ def source_files(img: Any) -> tuple[str, ...]:
 
 
 def file_identities(paths: dict[str, str]) -> dict[str, FileId | None]:
-    """``stat`` identity of each path (None for a missing optional file)."""
+    """``stat`` identity of each path (None for a missing optional file).
+
+    >>> ids = file_identities({'image': '/no/such.nii', 'here': '.'})
+    >>> ids['image'] is None, ids['here'].size >= 0
+    (True, True)
+    """
     return {key: path_id(path) for key, path in paths.items()}
 
 

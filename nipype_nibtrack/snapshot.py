@@ -108,6 +108,14 @@ def extension_bytes(header: Any) -> bytes:
     """The NIfTI extensions exactly as they would be written (empty when none).
 
     ``Nifti1Header.__eq__`` ignores extensions, so they are compared on their own.
+
+    >>> import nibabel as nib
+    >>> hdr = nib.Nifti1Header()
+    >>> extension_bytes(hdr)
+    b''
+    >>> hdr.extensions.append(nib.nifti1.Nifti1Extension(6, b'note'))
+    >>> len(extension_bytes(hdr))
+    16
     """
     extensions = getattr(header, 'extensions', None)
     if not extensions:

@@ -406,6 +406,19 @@ class Store:
         ------
         StoreError
             A directory of the store on the way to the entry is a symbolic link.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> store = Store(tempfile.mkdtemp())
+        >>> store.lookup('cd' * 16, 'brain.nii') is None
+        True
+        >>> path, _ = store.put('cd' * 16, 'brain.nii', lambda p: p.write_bytes(b'voxels'))
+        >>> store.lookup('cd' * 16, 'brain.nii') == path
+        True
+        >>> _ = path.write_bytes(b'damaged')  # someone else writes into the store
+        >>> store.lookup('cd' * 16, 'brain.nii') is None
+        True
         """
         if not _HEX.match(digest):
             raise ValueError(f'not a store digest: {digest!r}')
@@ -628,6 +641,16 @@ class Store:
         there: one being written or handed out (its lock is held) or used in the last
         ``keep_recent_seconds`` (one hour by default: the time a tool has to open a
         path it was handed) is never deleted. Leftovers of killed writers go too.
+
+        Examples
+        --------
+        >>> import tempfile
+        >>> store = Store(tempfile.mkdtemp())
+        >>> _ = store.put('ab' * 16, 'old.txt', lambda p: p.write_text('x'))
+        >>> store.gc(older_than_days=0).removed  # used just now: kept
+        0
+        >>> store.gc(older_than_days=0, keep_recent_seconds=0).removed
+        1
         """
         entries = sorted(self._entries(), key=lambda e: e.used)
         total = sum(e.size for e in entries)
