@@ -11,6 +11,7 @@ instead of ``str(img)``, which is the same for two images with equal headers.
 
 from __future__ import annotations
 
+from contextvars import ContextVar
 from typing import Any
 
 from nipype.interfaces.base.specs import BaseTraitedSpec
@@ -57,6 +58,20 @@ def _unhashable_image(spec: BaseTraitedSpec) -> tuple[str, Any] | None:
     return None
 
 
+# get_hashval hashes every value twice (with and without file hashes): resolve each
+# image once per call. Keyed by id(): the spec keeps the images alive during the call.
+_resolved_in_call: ContextVar[dict[int, str] | None] = ContextVar('resolved', default=None)
+
+
+def _path_of(img: Any) -> str:
+    memo = _resolved_in_call.get()
+    if memo is None:
+        return resolve(img).path
+    if id(img) not in memo:
+        memo[id(img)] = resolve(img).path
+    return memo[id(img)]
+
+
 def install() -> None:
     """Install the hashing hooks; calling it again changes nothing."""
     if getattr(BaseTraitedSpec._get_sorteddict, '_nibtrack', False):
@@ -72,7 +87,7 @@ def install() -> None:
         hash_files: bool = True,
     ) -> Any:
         if is_image(objekt):
-            objekt = resolve(objekt).path
+            objekt = _path_of(objekt)
         return sorteddict(self, objekt, dictwithhash, hash_method, hash_files)
 
     def _get_valid_pathstr(value: Any) -> Any:
@@ -81,6 +96,7 @@ def install() -> None:
     spec_hashval = BaseTraitedSpec.get_hashval
 
     def get_hashval(self: BaseTraitedSpec, hash_method: str | None = None) -> Any:
+        token = _resolved_in_call.set({})
         try:
             return spec_hashval(self, hash_method=hash_method)
         except (ValueError, TypeError) as err:
@@ -94,6 +110,8 @@ def install() -> None:
                 f'the {name!r} input of {type(self).__name__} holds a '
                 f'{type(img).__name__} that cannot be passed on as a file: {err}'
             ) from err
+        finally:
+            _resolved_in_call.reset(token)
 
     _get_sorteddict._nibtrack = True
     BaseTraitedSpec._get_sorteddict = _get_sorteddict
