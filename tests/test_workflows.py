@@ -176,3 +176,16 @@ def test_realign_script_help_and_run(tmp_path, store):
     assert run.stdout.rstrip().endswith('image files written to the store: 0')
     assert 'written to the store as' in run.stderr + run.stdout
     assert 'passed by its original path' in run.stderr + run.stdout
+
+
+def test_demo_needs_no_test_dependencies():
+    """The demo installs the package without test extras: it must not import pytest."""
+    code = (
+        'import runpy, sys\n'
+        "sys.modules['pytest'] = None  # any import of pytest now fails\n"
+        "sys.argv = ['realign.py', '--help']\n"
+        f"runpy.run_path({str(ROOT / 'workflows' / 'realign.py')!r}, run_name='__main__')\n"
+    )
+    run = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr
+    assert '--tool' in run.stdout

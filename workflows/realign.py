@@ -13,7 +13,7 @@ of the workflow is the same code. The mean image is dirty (it has no file) and g
 the tool through the content-addressed store; the anatomical image is clean and goes
 by its own path. Run twice, the second run writes no file and runs no tool.
 
-Data ship with nibabel (``nibabel.testing.data_path``): ``example4d.nii.gz`` (EPI,
+Data ship with nibabel (``nibabel/tests/data``): ``example4d.nii.gz`` (EPI,
 128x96x24x2) and ``anatomical.nii`` (T1, 33x41x25).
 
 Usage::
@@ -36,14 +36,14 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-from nibabel.testing import data_path
 from nipype import Node, Workflow
 from nipype.interfaces import elastix, fsl
 from nipype.interfaces.utility import IdentityInterface
 
 import nipype_nibtrack as nt
 
-DATA = Path(data_path)
+# nibabel's own test data; nibabel.testing would import pytest, which a demo lacks
+DATA = Path(nib.__file__).parent / 'tests' / 'data'
 PARAMETERS = Path(__file__).resolve().with_name('elastix_rigid.txt')
 TOOLS = ('auto', 'flirt', 'elastix')
 PLUGINS = ('Linear', 'MultiProc', 'SLURM', 'SLURMGraph')
