@@ -196,8 +196,12 @@ def _size_label(n: int) -> str:
     return f'{n}³\n{mib:g} MiB'
 
 
-def _footer(fig, m: dict) -> None:
+def _finish(fig, m: dict, path: Path) -> None:
+    """Lay out, sign with the machine and date, save and close a figure."""
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.text(0.01, 0.01, machine_line(m), fontsize=8.5, color=GREY, ha='left', va='bottom')
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
 
 
 def _tick_time(seconds: float, _pos: object = None) -> str:
@@ -280,10 +284,7 @@ def plot_resolution(r: dict, path: Path) -> None:
         'the same cost at any size',
         fontsize=12.5,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, m)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish(fig, m, path)
 
 
 def plot_digest(r: dict, path: Path) -> None:
@@ -329,10 +330,7 @@ def plot_digest(r: dict, path: Path) -> None:
         f'Content digests of in-memory images: {ratio:.0f}{X} faster than joblib.hash at {big}³',
         fontsize=12.5,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, m)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish(fig, m, path)
 
 
 def _label_bars(ax, bars, texts, color='black', inside=False) -> None:
@@ -398,10 +396,7 @@ def plot_workflow(r: dict, path: Path) -> None:
         'which reruns every node',
         fontsize=12.5,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, m)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish(fig, m, path)
 
 
 def plot_pickles(r: dict, path: Path) -> None:
@@ -443,10 +438,7 @@ def plot_pickles(r: dict, path: Path) -> None:
         f'{ratio:,.0f}{X} fewer bytes',
         fontsize=12.5,
     )
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    _footer(fig, m)
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+    _finish(fig, m, path)
 
 
 # ------------------------------------------------------------------ the summary

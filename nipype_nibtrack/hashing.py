@@ -20,7 +20,7 @@ from nipype.pipeline.engine import utils as engine_utils
 from .digest import image_digest
 from .resolve import _stem, resolve
 from .rules import is_dirty
-from .traits import is_image
+from .traits import is_image, iter_images
 
 __all__ = ['install', 'iterable_label']
 
@@ -43,18 +43,11 @@ def iterable_label(img: Any) -> str:
 def _unhashable_image(spec: BaseTraitedSpec) -> tuple[str, Any] | None:
     """The first input of ``spec`` holding an image that cannot become a file, if any."""
     for name, value in sorted(spec.trait_get().items()):
-        stack = [value]
-        while stack:
-            item = stack.pop()
-            if isinstance(item, (list, tuple)):
-                stack.extend(item)
-            elif isinstance(item, dict):
-                stack.extend(item.values())
-            elif is_image(item):
-                try:
-                    resolve(item)
-                except (ValueError, TypeError):
-                    return name, item
+        for img in iter_images(value):
+            try:
+                resolve(img)
+            except (ValueError, TypeError):
+                return name, img
     return None
 
 

@@ -26,7 +26,7 @@ from nipype.interfaces.base.traits_extension import File
 from traits.api import List
 
 from .resolve import normalise_formats, resolve
-from .traits import ImageFile, contains_image, is_image
+from .traits import ImageFile, contains_image, is_image, iter_images
 
 __all__ = ['FAMILY_FORMATS', 'accept_images', 'formats_for', 'resolve_spec_images']
 
@@ -84,14 +84,6 @@ def _image_trait(trait_type: Any, formats: tuple[str, ...]) -> Any | None:
     return None
 
 
-def _images_in(value: Any) -> Iterator[Any]:
-    if is_image(value):
-        yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from _images_in(item)
-
-
 class _ImageAwareSpec:
     """Mixed into generated input specs: resolves images before hashing, shares them
     between deep copies."""
@@ -107,7 +99,7 @@ class _ImageAwareSpec:
         # and other nodes (Function inputs) keep nipype's own copying.
         seeded = {}
         for value in self.trait_get().values():
-            for img in _images_in(value):
+            for img in iter_images(value):
                 if id(img) not in memo:
                     seeded[id(img)] = memo[id(img)] = img
         try:
@@ -154,6 +146,8 @@ def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> A
         return [_resolve_value(v, formats, label) for v in value]
     if isinstance(value, tuple):
         return tuple(_resolve_value(v, formats, label) for v in value)
+    if isinstance(value, dict):
+        return {k: _resolve_value(v, formats, label) for k, v in value.items()}
     return value
 
 

@@ -116,12 +116,6 @@ def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
     return value
 
 
-def _has_image(value: Any) -> bool:
-    if isinstance(value, dict):
-        return any(_has_image(v) for v in value.values())
-    return contains_image(value)
-
-
 class ImagePickler(pickle.Pickler):
     """A pickler that writes every nibabel image as an :class:`ImageReference`.
 
@@ -173,13 +167,13 @@ def install() -> None:
     def __getstate__(self: BaseTraitedSpec) -> dict:
         state = spec_getstate(self)
         for name, value in state.items():
-            if _has_image(value):
+            if contains_image(value):
                 state[name] = references(value, _trait_formats(self, name))
         return state
 
     def result_getstate(self: InterfaceResult) -> dict:
         state = dict(self.__dict__)
-        if _has_image(state.get('inputs')):
+        if contains_image(state.get('inputs')):
             state['inputs'] = references(state['inputs'])
         return state
 

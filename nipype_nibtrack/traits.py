@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 from nibabel.filebasedimages import FileBasedImage
@@ -12,7 +13,7 @@ from traits.api import TraitError
 from .export import choose_target
 from .resolve import _check_image, normalise_formats
 
-__all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image']
+__all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image', 'iter_images']
 
 #: Extensions read when neither the trait nor the interface family says otherwise
 DEFAULT_FORMATS = ('.nii', '.nii.gz')
@@ -28,18 +29,32 @@ def is_image(value: Any) -> bool:
     return isinstance(value, FileBasedImage)
 
 
+def iter_images(value: Any) -> Iterator[Any]:
+    """Every image in ``value``: itself, or held at any depth of lists, tuples and dicts.
+
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
+    >>> [found is img for found in iter_images(['a.nii', (3, {'mask': img})])]
+    [True]
+    """
+    if is_image(value):
+        yield value
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from iter_images(item)
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from iter_images(item)
+
+
 def contains_image(value: Any) -> bool:
-    """True for an image, or a list/tuple holding one at any depth.
+    """True for an image, or a list, tuple or dict holding one at any depth.
 
     >>> import numpy as np, nibabel as nib
     >>> contains_image(['a.nii', [nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))]])
     True
     """
-    if is_image(value):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(contains_image(v) for v in value)
-    return False
+    return next(iter_images(value), None) is not None
 
 
 class ImageFile(File):
