@@ -1,25 +1,50 @@
-"""Hand nibabel images straight to nipype interfaces.
+"""Hand nibabel images straight to workflow engines' tools.
 
 The core (:mod:`.provenance`, :mod:`.rules`, :mod:`.digest`, :mod:`.store`,
-:mod:`.resolve`) knows only nibabel; the nipype layer (:mod:`.traits`,
-:mod:`.interfaces`, :mod:`.hashing`, :mod:`.pickling`) builds on it.
+:mod:`.resolve`) knows only nibabel and imports no workflow engine. Front-ends live
+beside it and use only this public API: :mod:`nipype_nibtrack.nipype` (nipype 1.x:
+traits, image-aware interfaces, hashing and pickling hooks) switches itself on as
+soon as nipype is imported; ``accept_images``, ``ImageFile`` and ``InputMultiImage``
+are loaded from it on first use.
 """
 
-from . import hashing, pickling
-from .digest import image_digest
-from .interfaces import accept_images
-from .provenance import load, mark_clean, mark_dirty
-from .resolve import ImageReadError, Resolution, as_filename, resolve
-from .rules import cleanliness_rule, dirty_reason, is_dirty
-from .store import Store, StoreError, get_store, set_store
-from .traits import ImageFile, InputMultiImage
+from typing import Any
 
-hashing.install()
-pickling.install()
+from .digest import image_digest
+from .frontends import import_later, when_imported
+from .provenance import load, mark_clean, mark_dirty
+from .resolve import (
+    ImageReadError,
+    Resolution,
+    as_filename,
+    check_image,
+    image_label,
+    normalise_formats,
+    resolve,
+)
+from .rules import cleanliness_rule, dirty_reason, is_dirty
+from .store import ENV_VAR, Store, StoreError, get_store, set_store
 
 __version__ = '0.1.0'
 
+#: Front-ends, by the engine module whose import switches them on
+FRONT_ENDS = {'nipype': 'nipype_nibtrack.nipype'}
+_FROM_NIPYPE = ('ImageFile', 'InputMultiImage', 'accept_images')
+
+for _engine, _front_end in FRONT_ENDS.items():
+    when_imported(_engine, import_later(_front_end))
+
+
+def __getattr__(name: str) -> Any:
+    if name in _FROM_NIPYPE:
+        from . import nipype as front_end
+
+        return getattr(front_end, name)
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 __all__ = [
+    'ENV_VAR',
     'ImageFile',
     'ImageReadError',
     'InputMultiImage',
@@ -28,14 +53,17 @@ __all__ = [
     'StoreError',
     'accept_images',
     'as_filename',
+    'check_image',
     'cleanliness_rule',
     'dirty_reason',
     'get_store',
     'image_digest',
+    'image_label',
     'is_dirty',
     'load',
     'mark_clean',
     'mark_dirty',
+    'normalise_formats',
     'resolve',
     'set_store',
 ]

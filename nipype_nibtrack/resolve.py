@@ -24,7 +24,15 @@ from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import Store, get_store
 
-__all__ = ['ImageReadError', 'Resolution', 'as_filename', 'normalise_formats', 'resolve']
+__all__ = [
+    'ImageReadError',
+    'Resolution',
+    'as_filename',
+    'check_image',
+    'image_label',
+    'normalise_formats',
+    'resolve',
+]
 
 logger = logging.getLogger('nipype_nibtrack')
 
@@ -130,6 +138,47 @@ def _check_image(img: Any) -> None:
             'cannot read. Save it to a file first, or detach it with '
             'img = type(img)(np.asanyarray(img.dataobj), img.affine, img.header)'
         )
+
+
+def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
+    """Raise if ``img`` cannot become a file that a reader of ``formats`` accepts.
+
+    What an input that takes images checks when it is given one, before anything runs.
+
+    Raises
+    ------
+    TypeError
+        ``img`` is not a nibabel image.
+    ValueError
+        Its data live in an in-memory file object, or no accepted format can hold it.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> check_image(img, ['.nii.gz'])
+    >>> check_image(img, ['.txt'])
+    Traceback (most recent call last):
+    ...
+    ValueError: cannot write a Nifti1Image in any of the accepted formats ('.txt',); ...
+    """
+    _check_image(img)
+    choose_target(img, normalise_formats(formats))
+
+
+def image_label(img: Any) -> str:
+    """A short name that follows an image's content: its path when clean, else its
+    file stem and a content digest (for folder names, which must not collide).
+
+    >>> import numpy as np, nibabel as nib
+    >>> a = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> b = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
+    >>> image_label(a) != image_label(b), image_label(a).startswith('image_')
+    (True, True)
+    """
+    if cleanliness(img).reason is None:
+        return os.path.abspath(img.get_filename())
+    return f'{_stem(img)}_{image_digest(img)[:16]}'
 
 
 def _existing_file(value: str | os.PathLike) -> str:

@@ -13,7 +13,7 @@ from nipype.interfaces.utility import Function
 from nipype.pipeline import engine as pe
 
 import nipype_nibtrack as nt
-from nipype_nibtrack.hashing import iterable_label
+from nipype_nibtrack import image_label as iterable_label
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf
@@ -243,7 +243,7 @@ def test_iterable_label_is_stable_across_processes():
     proc = nf.run_python(
         """
         import nipype_fixtures as nf
-        from nipype_nibtrack.hashing import iterable_label
+        from nipype_nibtrack import image_label as iterable_label
         print(iterable_label(nf.random_image(seed=107)))
         """
     )

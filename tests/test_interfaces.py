@@ -23,7 +23,7 @@ from nipype.pipeline import engine as pe
 from traits.api import TraitError
 
 import nipype_nibtrack as nt
-from nipype_nibtrack import interfaces as nt_interfaces
+from nipype_nibtrack.nipype import accept as nt_interfaces
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf
@@ -134,7 +134,7 @@ def test_accept_images_returns_one_class_per_interface():
     assert nt.accept_images(fsl.FLIRT) is FLIRT
     assert nt.accept_images(FLIRT) is FLIRT
     assert issubclass(FLIRT, fsl.FLIRT) and FLIRT.__name__ == 'FLIRT'
-    assert FLIRT.__module__ == 'nipype_nibtrack.interfaces'
+    assert FLIRT.__module__ == 'nipype_nibtrack.nipype.accept'
     assert getattr(nt_interfaces, FLIRT.__qualname__) is FLIRT
     assert FLIRT.input_spec.__qualname__ == f'{FLIRT.__qualname__}.input_spec'
     assert FLIRT.output_spec is fsl.FLIRT.output_spec
@@ -156,8 +156,8 @@ def test_aware_class_and_instance_pickle_in_a_fresh_interpreter(tmp_path):
         """
         import pickle, sys
         klass, flirt, scale = pickle.load(open(sys.argv[1], 'rb'))
-        import nipype_nibtrack.interfaces as m
-        assert klass.__module__ == 'nipype_nibtrack.interfaces', klass
+        import nipype_nibtrack.nipype.accept as m
+        assert klass.__module__ == 'nipype_nibtrack.nipype.accept', klass
         assert type(flirt) is klass and flirt.inputs.dof == 6
         assert scale.__name__ == 'Scale'
         print(klass.__qualname__, flirt.cmdline.split()[0])

@@ -16,7 +16,7 @@ from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins.tools import create_pyscript
 
 import nipype_nibtrack as nt
-from nipype_nibtrack.pickling import ImagePickler, ImageReference, load_reference
+from nipype_nibtrack.nipype.pickling import ImagePickler, ImageReference, load_reference
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf
@@ -123,7 +123,7 @@ def test_multiproc_submission_is_small(big, kind):
         if kind == 'function'
         else getattr(node.inputs, 'in_files' if kind == 'list' else 'in_file')
     )
-    assert nt.traits.contains_image(value)
+    assert nt.nipype.contains_image(value)
     # and what arrives in the worker holds images of the same content
     worker = pickle.loads(pickle.dumps(deepcopy(node)))
     got = (

@@ -15,7 +15,7 @@ from traits.api import List, TraitError
 from traits.trait_base import _Undefined
 
 import nipype_nibtrack as nt
-from nipype_nibtrack.traits import ImageFile, InputMultiImage, contains_image, is_image
+from nipype_nibtrack.nipype.traits import ImageFile, InputMultiImage, contains_image, is_image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf

@@ -25,7 +25,7 @@ from nipype.interfaces.base import BaseInterface
 from nipype.interfaces.base.traits_extension import File
 from traits.api import List
 
-from .resolve import normalise_formats, resolve
+from .. import normalise_formats, resolve
 from .traits import ImageFile, contains_image, is_image, iter_images
 
 __all__ = ['FAMILY_FORMATS', 'accept_images', 'formats_for', 'resolve_spec_images']

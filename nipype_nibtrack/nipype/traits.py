@@ -10,8 +10,7 @@ from nibabel.filebasedimages import FileBasedImage
 from nipype.interfaces.base.traits_extension import File, InputMultiObject
 from traits.api import TraitError
 
-from .export import choose_target
-from .resolve import _check_image, normalise_formats
+from .. import check_image, normalise_formats
 
 __all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image', 'iter_images']
 
@@ -104,10 +103,8 @@ class ImageFile(File):
                 f'{value!r:.80}'
             )
         try:
-            _check_image(value)
-            # choose_target knows every family, GIFTI included (written as .gii only):
             # a surface is refused by a volume input and accepted where .gii is read
-            choose_target(value, self.formats())
+            check_image(value, self.formats())
         except (ValueError, TypeError) as err:
             raise TraitError(f'{where} cannot take this {type(value).__name__}: {err}') from err
         return value

@@ -17,27 +17,10 @@ from typing import Any
 from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.pipeline.engine import utils as engine_utils
 
-from .digest import image_digest
-from .resolve import _stem, resolve
-from .rules import is_dirty
+from .. import image_label, resolve
 from .traits import is_image, iter_images
 
-__all__ = ['install', 'iterable_label']
-
-
-def iterable_label(img: Any) -> str:
-    """Folder label of an image used as an iterable value: its path when clean, else
-    its file stem and a content digest.
-
-    >>> import numpy as np, nibabel as nib
-    >>> a = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
-    >>> b = nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4))
-    >>> iterable_label(a) != iterable_label(b), iterable_label(a).startswith('image_')
-    (True, True)
-    """
-    if not is_dirty(img):
-        return img.get_filename()
-    return f'{_stem(img)}_{image_digest(img)[:16]}'
+__all__ = ['install']
 
 
 def _unhashable_image(spec: BaseTraitedSpec) -> tuple[str, Any] | None:
@@ -84,7 +67,7 @@ def install() -> None:
         return sorteddict(self, objekt, dictwithhash, hash_method, hash_files)
 
     def _get_valid_pathstr(value: Any) -> Any:
-        return pathstr(iterable_label(value) if is_image(value) else value)
+        return pathstr(image_label(value) if is_image(value) else value)
 
     spec_hashval = BaseTraitedSpec.get_hashval
 

@@ -27,9 +27,7 @@ from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.interfaces.base.support import InterfaceResult
 from nipype.utils import filemanip
 
-from .provenance import load
-from .resolve import as_filename
-from .store import ENV_VAR
+from .. import ENV_VAR, as_filename, load
 from .traits import contains_image, is_image
 
 __all__ = ['ImagePickler', 'ImageReference', 'install', 'load_reference']
@@ -153,7 +151,7 @@ _pickle_for_nipype.dumps = _dumps
 
 
 def _trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
-    from .interfaces import trait_formats
+    from .accept import trait_formats
 
     return trait_formats(spec, name)
 

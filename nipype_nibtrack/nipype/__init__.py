@@ -1,0 +1,26 @@
+"""The nipype 1.x front-end: image-aware traits and interfaces, hashing and pickling hooks.
+
+Importing this package installs the hooks (idempotent). ``import nipype_nibtrack`` does
+so by itself as soon as nipype is imported in the same process, and every node pickled
+by a process that has them carries what installs them in the process that unpickles it.
+Built only on the core's public API (:mod:`nipype_nibtrack`).
+"""
+
+from . import hashing, pickling
+from .accept import accept_images, formats_for, resolve_spec_images, trait_formats
+from .traits import ImageFile, InputMultiImage, contains_image, is_image, iter_images
+
+hashing.install()
+pickling.install()
+
+__all__ = [
+    'ImageFile',
+    'InputMultiImage',
+    'accept_images',
+    'contains_image',
+    'formats_for',
+    'is_image',
+    'iter_images',
+    'resolve_spec_images',
+    'trait_formats',
+]
