@@ -5,7 +5,8 @@ The core (:mod:`.provenance`, :mod:`.rules`, :mod:`.digest`, :mod:`.store`,
 beside it and use only this public API: :mod:`nipype_nibtrack.nipype` (nipype 1.x:
 traits, image-aware interfaces, hashing and pickling hooks) switches itself on as
 soon as nipype is imported; ``accept_images``, ``ImageFile`` and ``InputMultiImage``
-are loaded from it on first use.
+are loaded from it on first use. :mod:`nipype_nibtrack.pydra` (pydra >= 1.0a12: task
+fields, hashing, workers) switches itself on as soon as pydra is (``pydra.utils.typing``).
 """
 
 from typing import Any
@@ -27,8 +28,10 @@ from .store import ENV_VAR, Store, StoreError, get_store, set_store
 
 __version__ = '0.1.0'
 
-#: Front-ends, by the engine module whose import switches them on
-FRONT_ENDS = {'nipype': 'nipype_nibtrack.nipype'}
+#: Front-ends, by the engine module whose import switches them on. pydra's is the
+#: module of its type checks (``pydra`` and ``pydra.compose`` are namespace packages,
+#: which no finder sees loading): every task definition and every worker imports it.
+FRONT_ENDS = {'nipype': 'nipype_nibtrack.nipype', 'pydra.utils.typing': 'nipype_nibtrack.pydra'}
 _FROM_NIPYPE = ('ImageFile', 'InputMultiImage', 'accept_images')
 
 for _engine, _front_end in FRONT_ENDS.items():

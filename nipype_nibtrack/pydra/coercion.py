@@ -1,0 +1,215 @@
+"""Task fields typed with fileformats classes take nibabel images, and the reverse.
+
+pydra checks and converts every field value with a ``TypeParser`` built per field when
+the task class is defined. In pydra 1.0a12 its conversions are fixed: the pairs it may
+convert between are a default argument (``COERCIBLE_DEFAULT``), bound before any task
+is defined, and there is no registry to add one (pydra#662). :func:`install` therefore
+wraps two of its methods, here and nowhere else, and only for values or types pydra
+would have refused:
+
+- ``TypeParser.coerce``: an image given to a field whose type names fileformats
+  classes (``Nifti1``, mrtrix3's ``ImageIn`` union, ``File``) becomes the path it
+  resolves to, with the extensions those classes accept (:func:`formats_of`), before
+  pydra converts that path as it converts any path; a path or file given to a field
+  typed with a nibabel image class is loaded with :func:`nipype_nibtrack.load`.
+- ``TypeParser.check_type_coercible``: the same pairs, for the types of lazy fields
+  (a shell task's ``ImageOut`` output connected to a python task's ``Nifti1Image``
+  input).
+
+A field is a value in pydra: the image is resolved when it is assigned, as a list is
+copied when assigned. Edit an image after assigning it and assign it again.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+import typing as ty
+from typing import Any
+
+from fileformats.core import FileSet
+from fileformats.generic import File
+from nibabel.filebasedimages import FileBasedImage
+from pydra.utils.typing import UNION_TYPES, TypeParser
+
+from .. import as_filename, load
+
+__all__ = ['formats_of', 'image_classes', 'install']
+
+
+def _classes(tp: Any) -> list[Any]:
+    """Every class in a (possibly nested, possibly union) type, in order."""
+    tp = _strip_annotated(tp)
+    args = ty.get_args(tp)
+    if not args:
+        return [tp] if inspect.isclass(tp) else []
+    out = []
+    origin = ty.get_origin(tp)
+    if inspect.isclass(origin) and origin not in UNION_TYPES:
+        out.append(origin)
+    for arg in args:
+        out.extend(_classes(arg))
+    return out
+
+
+def _strip_annotated(tp: Any) -> Any:
+    while ty.get_origin(tp) is ty.Annotated:
+        tp = ty.get_args(tp)[0]
+    return tp
+
+
+def _filesets(tp: Any) -> list[type]:
+    return [c for c in _classes(tp) if issubclass(c, FileSet)]
+
+
+def image_classes(tp: Any) -> list[type]:
+    """The nibabel image classes a type names, at any depth.
+
+    >>> import typing as ty, nibabel as nib
+    >>> image_classes(ty.Optional[list[nib.Nifti1Image]])
+    [<class 'nibabel.nifti1.Nifti1Image'>]
+    """
+    return [c for c in _classes(tp) if issubclass(c, FileBasedImage)]
+
+
+def formats_of(tp: Any) -> tuple[str, ...] | None:
+    """The extensions the fileformats classes in a field type accept, in order.
+
+    ``None`` when one of them takes any file (``File`` and its generic parents).
+
+    Examples
+    --------
+    >>> import typing as ty
+    >>> from fileformats.generic import File
+    >>> from fileformats.medimage import Nifti1, NiftiGz
+    >>> formats_of(Nifti1), formats_of(ty.Union[NiftiGz, Nifti1]), formats_of(File)
+    (('.nii',), ('.nii.gz', '.nii'), None)
+    >>> from fileformats.vendor.mrtrix3.medimage import ImageIn
+    >>> formats_of(ImageIn)[:3]
+    ('.dcm', '.mif', '.mif.gz')
+    """
+    exts: list[str] = []
+    for klass in _filesets(tp):
+        if issubclass(File, klass):  # File or one of its parents: any file will do
+            return None
+        for ext in (getattr(klass, 'ext', None), *getattr(klass, 'alternate_exts', ())):
+            if ext and ext.lower() not in exts:
+                exts.append(ext.lower())
+    return tuple(exts) or None
+
+
+def _is_image(value: Any) -> bool:
+    return isinstance(value, FileBasedImage)
+
+
+def _is_file(value: Any) -> bool:
+    return isinstance(value, (str, os.PathLike)) and not isinstance(value, FileBasedImage)
+
+
+def _convert(value: Any, to_file: bool, formats: tuple[str, ...] | None, label: str) -> Any:
+    """``value`` with its images made paths (``to_file``), or its paths made images."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_convert(v, to_file, formats, label) for v in value)
+    if isinstance(value, dict):
+        return {k: _convert(v, to_file, formats, label) for k, v in value.items()}
+    try:
+        if to_file and _is_image(value):
+            return _ImagePath(as_filename(value, formats=formats))
+        if not to_file and _is_file(value):
+            return load(os.fspath(value))
+    except (OSError, ValueError, TypeError) as err:
+        kind = type(value).__name__
+        raise TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}') from err
+    return value
+
+
+class _ImagePath(str):
+    """A path an image was resolved to (so a refusal can name its extension)."""
+
+
+def _extensions(value: Any, formats: tuple[str, ...]) -> set[str]:
+    """The extensions, among ``formats``, of the paths images became in ``value``."""
+    if isinstance(value, _ImagePath):
+        return {max((f for f in formats if value.lower().endswith(f)), key=len, default='')}
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_extensions(v, formats) for v in value))
+    if isinstance(value, dict):
+        return set().union(*(_extensions(v, formats) for v in value.values()))
+    return set()
+
+
+def _to_files(coerce: ty.Callable, parser: TypeParser, obj: Any) -> Any:
+    """Coerce ``obj`` with its images as files, in another accepted format if refused.
+
+    fileformats' classes check a file's content, and some refuse files nibabel writes
+    correctly (``Nifti2`` looks for its magic at NIfTI-1's offset, ``Mgh`` fails to parse
+    MGH headers): then the image is written in the next format the field accepts.
+    """
+    formats = formats_of(parser.tp)
+    while True:
+        converted = _convert(obj, True, formats, parser.label)
+        try:
+            return coerce(parser, converted)
+        except TypeError:
+            if formats is None:
+                raise
+            refused = _extensions(converted, formats)
+            if not refused or not set(formats) - refused:
+                raise
+            formats = tuple(f for f in formats if f not in refused)
+
+
+def _contains(value: Any, test: ty.Callable[[Any], bool]) -> bool:
+    if test(value):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_contains(v, test) for v in value)
+    if isinstance(value, dict):
+        return any(_contains(v, test) for v in value.values())
+    return False
+
+
+def _wrap_coerce(coerce: ty.Callable) -> ty.Callable:
+    @functools.wraps(coerce)
+    def wrapper(self: TypeParser, obj: Any) -> Any:
+        try:
+            return coerce(self, obj)
+        except TypeError:
+            if _filesets(self.tp) and _contains(obj, _is_image):
+                return _to_files(coerce, self, obj)
+            if image_classes(self.tp) and _contains(obj, _is_file):
+                return coerce(self, _convert(obj, False, None, self.label))
+            raise
+
+    wrapper._nibtrack = True
+    return wrapper
+
+
+def _wrap_check_type_coercible(check: ty.Callable) -> ty.Callable:
+    @functools.wraps(check)
+    def wrapper(self: TypeParser, source: Any, target: Any, source_repr: Any = None) -> Any:
+        try:
+            return check(self, source, target, source_repr)
+        except TypeError:
+            source, target = _strip_annotated(source), _strip_annotated(target)
+            if not (inspect.isclass(source) and inspect.isclass(target)):
+                raise
+            image_to_file = issubclass(source, FileBasedImage) and issubclass(target, FileSet)
+            file_to_image = issubclass(target, FileBasedImage) and (
+                issubclass(source, (FileSet, os.PathLike, str))
+            )
+            if not (image_to_file or file_to_image):
+                raise
+        return None
+
+    wrapper._nibtrack = True
+    return wrapper
+
+
+def install() -> None:
+    """Wrap ``TypeParser.coerce`` and ``check_type_coercible``; again changes nothing."""
+    if getattr(TypeParser.coerce, '_nibtrack', False):
+        return
+    TypeParser.coerce = _wrap_coerce(TypeParser.coerce)
+    TypeParser.check_type_coercible = _wrap_check_type_coercible(TypeParser.check_type_coercible)
