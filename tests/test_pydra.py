@@ -156,6 +156,35 @@ def test_any_fileformats_union_gets_a_file_in_one_of_its_formats(
     assert_same_content(nib.load(str(value)), img)
 
 
+def test_a_field_holds_the_image_as_it_was_when_assigned(anat, store):
+    """pydra's fields are values (a list is copied when assigned): assign again after edits."""
+    img = nt.load(anat)
+    task = MrConvert(in_file=img, out_file='out.nii')
+    assert str(task.in_file) == str(anat)
+    img.get_fdata()[0, 0, 0] = 123
+    assert str(task.in_file) == str(anat)  # unchanged until assigned again
+    task.in_file = img
+    assert float(nib.load(str(task.in_file)).get_fdata()[0, 0, 0]) == 123
+    checksum = task._checksum
+    task.in_file = anat
+    assert task._checksum != checksum
+
+
+def test_lists_of_images_for_a_list_of_files(anat, store):
+    clean, dirty = nt.load(anat), _dirty(anat)
+    value = TypeParser(list[Nifti1], label='in_files')([clean, dirty])
+    assert [type(v) for v in value] == [Nifti1, Nifti1]
+    assert str(value[0]) == str(anat)
+    assert_same_content(nib.load(str(value[1])), dirty)
+
+
+def test_a_file_that_is_no_image_given_to_an_image_field_names_the_field(tmp_path):
+    text = tmp_path / 'notes.txt'
+    text.write_text('not an image')
+    with pytest.raises(TypeError, match=r'img.*notes\.txt|notes\.txt.*img'):
+        tasks.VoxelSum(img=text)
+
+
 def test_a_type_that_refuses_every_file_refuses_images_too(tmp_path, store):
     """fileformats 0.22's Mgh cannot parse real MGH headers: no image gets past it either."""
     path = tmp_path / 'a.mgh'

@@ -26,9 +26,9 @@ PYDRA_HOOKED = (
 )
 
 
-def _run(code: str, python: str = sys.executable, env: dict | None = None) -> str:
+def _run(code: str, python: str = sys.executable, env: dict | None = None, cwd=None) -> str:
     out = subprocess.run(
-        [python, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env
+        [python, '-c', textwrap.dedent(code)], capture_output=True, text=True, env=env, cwd=cwd
     )
     assert out.returncode == 0, out.stderr
     return out.stdout.strip()
@@ -87,17 +87,35 @@ def _core_requirements() -> list[str]:
     return sorted(needed)
 
 
+def _install_ours(target: Path, scratch: Path) -> None:
+    """``pip install --no-deps`` of a copy of this tree (a build writes into its source)."""
+    source = scratch / 'source'
+    shutil.copytree(ROOT / 'nipype_nibtrack', source / 'nipype_nibtrack')
+    for name in ('setup.cfg', 'pyproject.toml', 'README.md'):
+        shutil.copy(ROOT / name, source / name)
+    isolation = [] if importlib.util.find_spec('wheel') is None else ['--no-build-isolation']
+    pip = [sys.executable, '-m', 'pip', 'install', '-q', '--no-deps', *isolation]
+    out = subprocess.run(
+        [*pip, '--target', str(target), str(source)],
+        capture_output=True,
+        text=True,
+    )
+    assert out.returncode == 0, out.stderr
+
+
 @pytest.fixture(scope='module')
 def bare_python(tmp_path_factory) -> tuple[str, dict]:
-    """A venv with only the core's requirements (linked from this one): no nipype."""
+    """A venv with the core's requirements (linked from this one) and our package as pip
+    installs it: no nipype, no pydra."""
     base = tmp_path_factory.mktemp('bare')
     venv.create(base / 'venv', with_pip=False)
     deps = base / 'deps'
     deps.mkdir()
     for name in _core_requirements():
         _link_distribution(deps, name)
+    _install_ours(deps, base)
     env = {k: v for k, v in os.environ.items() if not k.startswith(('PYTHON', 'VIRTUAL_ENV'))}
-    env['PYTHONPATH'] = os.pathsep.join([str(deps), str(ROOT)])
+    env['PYTHONPATH'] = str(deps)
     env['NIBTRACK_STORE'] = str(base / 'store')
     env['HOME'] = str(base)
     return str(base / 'venv' / 'bin' / 'python'), env
@@ -116,6 +134,7 @@ def test_core_works_where_nipype_is_not_installed(bare_python, tmp_path):
         assert importlib.util.find_spec('pydra') is None
         import nipype_nibtrack as nt
         from nipype_nibtrack.cli import main
+        print(nt.__file__)
 
         src = {src!r}
         img = nt.load(src)
@@ -134,7 +153,16 @@ def test_core_works_where_nipype_is_not_installed(bare_python, tmp_path):
             print('accept_images:', type(err).__name__, err.name)
         print(sorted(m for m in sys.modules if m.split('.')[0] in {ENGINE_MODULES!r}))
     """
-    lines = _run(code, python, env).splitlines()
+    lines = _run(code, python, env, cwd=tmp_path).splitlines()  # not this tree: its copy
+    assert lines[0].startswith(str(Path(env['PYTHONPATH']) / 'nipype_nibtrack'))
     assert lines[-2] == 'accept_images: ModuleNotFoundError nipype'
     assert lines[-1] == '[]'
     assert any('entries' in line for line in lines)  # `nibtrack store info` printed
+
+
+@pytest.mark.slow
+def test_the_installed_package_has_both_front_ends(bare_python):
+    _, env = bare_python
+    site = Path(env['PYTHONPATH']) / 'nipype_nibtrack'
+    for front_end in ('nipype', 'pydra'):
+        assert (site / front_end / '__init__.py').is_file()

@@ -30,7 +30,7 @@ from typing import Any
 
 from fileformats.core import FileSet
 from fileformats.generic import File
-from nibabel.filebasedimages import FileBasedImage
+from nibabel.filebasedimages import FileBasedImage, ImageFileError
 from pydra.utils.typing import UNION_TYPES, TypeParser
 
 from .. import as_filename, load
@@ -118,7 +118,7 @@ def _convert(value: Any, to_file: bool, formats: tuple[str, ...] | None, label: 
             return _ImagePath(as_filename(value, formats=formats))
         if not to_file and _is_file(value):
             return load(os.fspath(value))
-    except (OSError, ValueError, TypeError) as err:
+    except (OSError, ValueError, TypeError, ImageFileError) as err:
         kind = type(value).__name__
         raise TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}') from err
     return value
