@@ -2,7 +2,7 @@
 # Install what nipype_nibtrack needs on a fresh Debian machine: the external tools
 # (apt-get, when run as root) and the package itself in .venv.
 #   scripts/bootstrap.sh demo   elastix, and the package
-#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, and the test/docs extras
+#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, and the test/docs/pydra extras
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mode=${1:-demo}
@@ -36,6 +36,6 @@ if [ ! -x "$venv/bin/python" ]; then
     "${PYTHON:-python3}" -m venv "$venv"
 fi
 extras=""
-[ "$mode" = test ] && extras="[test,docs]"
+[ "$mode" = test ] && extras="[test,docs,pydra]"  # pydra: pinned pre-releases, no --pre needed
 echo "[bootstrap] pip install -e .$extras"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root$extras"

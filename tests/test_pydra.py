@@ -156,6 +156,15 @@ def test_any_fileformats_union_gets_a_file_in_one_of_its_formats(
     assert_same_content(nib.load(str(value)), img)
 
 
+def test_a_task_in_process_computes_on_the_voxels_hashed_and_leaves_the_image(anat, cache):
+    """get_fdata(dtype='f4') of an image edited through get_fdata() (f8) reads its file."""
+    img = _dirty(anat)
+    want = float(img.get_fdata()[10, 10, 10])
+    out = tasks.Scaled(img=img, factor=1.0)(cache_root=cache, worker='debug').out
+    assert float(out.get_fdata()[10, 10, 10]) == want
+    assert nt.is_dirty(img) and float(img.get_fdata()[10, 10, 10]) == want
+
+
 def test_a_field_holds_the_image_as_it_was_when_assigned(anat, store):
     """pydra's fields are values (a list is copied when assigned): assign again after edits."""
     img = nt.load(anat)
@@ -200,10 +209,15 @@ def test_an_image_that_cannot_be_a_file_is_refused_naming_the_field(tmp_path):
         MrConvert(in_file=surface, out_file='out.nii')
 
 
-def test_fields_that_take_images_or_anything_leave_them_alone(anat):
-    img = nt.load(anat)
-    assert tasks.VoxelSum(img=img).img is img
-    assert TypeParser(ty.Any)(img) is img
+def test_fields_that_take_images_get_a_clean_copy_of_their_file(anat, store):
+    """In-process as in a worker: the task holds a clean image of the resolved file."""
+    img = _dirty(anat)
+    for held in (tasks.VoxelSum(img=img).img, TypeParser(ty.Any)(img)):
+        assert held is not img and not nt.is_dirty(held)
+        assert Path(held.get_filename()).is_relative_to(store.root)
+        np.testing.assert_array_equal(held.get_fdata(), img.get_fdata())
+    clean = nt.load(anat)
+    assert tasks.VoxelSum(img=clean).img.get_filename() == str(anat)
     with pytest.raises(TypeError):
         TypeParser(int, label='x')(img)  # no file type, no image type: pydra's refusal
 

@@ -11,13 +11,16 @@ would have refused:
   classes (``Nifti1``, mrtrix3's ``ImageIn`` union, ``File``) becomes the path it
   resolves to, with the extensions those classes accept (:func:`formats_of`), before
   pydra converts that path as it converts any path; a path or file given to a field
-  typed with a nibabel image class is loaded with :func:`nipype_nibtrack.load`.
+  typed with a nibabel image class is loaded with :func:`nipype_nibtrack.load`; an
+  image a field takes as it is (typed with an image class, ``Any``) is replaced by a
+  clean image of the file it resolves to, as a worker would get it.
 - ``TypeParser.check_type_coercible``: the same pairs, for the types of lazy fields
   (a shell task's ``ImageOut`` output connected to a python task's ``Nifti1Image``
   input).
 
 A field is a value in pydra: the image is resolved when it is assigned, as a list is
-copied when assigned. Edit an image after assigning it and assign it again.
+copied when assigned. Edit an image after assigning it and assign it again; the task
+never changes the image it was given.
 """
 
 from __future__ import annotations
@@ -160,6 +163,28 @@ def _to_files(coerce: ty.Callable, parser: TypeParser, obj: Any) -> Any:
             formats = tuple(f for f in formats if f not in refused)
 
 
+def _detach(value: Any, label: str) -> Any:
+    """``value`` with each image replaced by a clean image of the file it resolves to.
+
+    What a worker unpickles, given in-process too: a task run by the ``debug`` worker
+    cannot change the caller's image, nor compute on other voxels than were hashed
+    (``get_fdata(dtype=...)`` of another dtype drops an edited data cache and reads the
+    file). An image whose class its file does not load back as is kept.
+    """
+    if isinstance(value, (list, tuple)):
+        return type(value)(_detach(v, label) for v in value)
+    if isinstance(value, dict):
+        return {k: _detach(v, label) for k, v in value.items()}
+    if not _is_image(value):
+        return value
+    try:
+        fresh = load(as_filename(value))
+    except (OSError, ValueError, TypeError, ImageFileError) as err:
+        kind = type(value).__name__
+        raise TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}') from err
+    return fresh if type(fresh) is type(value) else value
+
+
 def _contains(value: Any, test: ty.Callable[[Any], bool]) -> bool:
     if test(value):
         return True
@@ -174,13 +199,14 @@ def _wrap_coerce(coerce: ty.Callable) -> ty.Callable:
     @functools.wraps(coerce)
     def wrapper(self: TypeParser, obj: Any) -> Any:
         try:
-            return coerce(self, obj)
+            coerced = coerce(self, obj)
         except TypeError:
             if _filesets(self.tp) and _contains(obj, _is_image):
                 return _to_files(coerce, self, obj)
             if image_classes(self.tp) and _contains(obj, _is_file):
                 return coerce(self, _convert(obj, False, None, self.label))
             raise
+        return _detach(coerced, self.label) if _contains(coerced, _is_image) else coerced
 
     wrapper._nibtrack = True
     return wrapper
