@@ -27,6 +27,8 @@ os.environ['NIBTRACK_STORE'] = _STORE
 
 # nipype binds its log handlers to sys.stdout at import: import it before any doctest
 # swaps sys.stdout, so that log lines do not land in the doctests' expected output.
+import nipype  # noqa: E402, F401
+
 import nipype_nibtrack  # noqa: E402, F401
 
 
