@@ -30,14 +30,16 @@ True
 """
 
 import warnings
+from importlib.metadata import version
 
 from packaging.version import Version  # a dependency of nibabel
-from pydra.utils import __version__ as _pydra_version
 
 from . import coercion, hashing, pickling
 from .coercion import formats_of, image_classes
 from .pickling import MissingImageFile, load_reference
 
+# from the metadata: this runs while pydra.utils may still be initialising
+_pydra_version = version('pydra')
 if Version(_pydra_version) >= Version('1.0a12'):
     coercion.install()
     hashing.install()
