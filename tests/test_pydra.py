@@ -307,6 +307,15 @@ def test_workflow_shell_task_then_python_task_typed_with_an_image(anat, cache, r
     assert runs() == ['voxel_sum']
 
 
+def test_split_over_images(anat, cache):
+    _require_mrconvert()
+    imgs = [nt.load(anat), _dirty(anat)]
+    sums = [float(i.get_fdata().sum()) for i in imgs]
+    assert tasks.VoxelSum().split(img=imgs)(cache_root=cache, worker='cf').out == sums
+    out = MrConvert(out_file='o.nii').split(in_file=imgs)(cache_root=cache, worker='cf')
+    assert [float(nib.load(str(p)).get_fdata().sum()) for p in out.out_file] == sums
+
+
 # ------------------------------------------------------------------- workers
 
 
