@@ -77,3 +77,13 @@ def convert_then_sum(in_file: nib.Nifti1Image) -> float:
 
 
 ConvertThenSum = workflow.define(convert_then_sum)
+
+
+def scale_then_convert(in_file: nib.Nifti1Image, factor: float) -> File:
+    """A python task returning an image, then mrconvert (a shell task) reading it."""
+    scale = workflow.add(Scaled(img=in_file, factor=factor))
+    convert = workflow.add(MrConvert(in_file=scale.out, out_file='scaled.nii'))
+    return convert.out_file
+
+
+ScaleThenConvert = workflow.define(scale_then_convert)

@@ -316,6 +316,14 @@ def test_split_over_images(anat, cache):
     assert [float(nib.load(str(p)).get_fdata().sum()) for p in out.out_file] == sums
 
 
+def test_workflow_python_task_returning_an_image_then_shell_task(anat, cache):
+    _require_mrconvert()
+    img = _dirty(anat)
+    out = tasks.ScaleThenConvert(in_file=img, factor=2.0)(cache_root=cache, worker='cf').out
+    want = (img.get_fdata() * 2).astype('f4')  # get_fdata(dtype='f4') would drop the edit
+    np.testing.assert_array_equal(nib.load(str(out)).get_fdata(dtype='f4'), want)
+
+
 # ------------------------------------------------------------------- workers
 
 
