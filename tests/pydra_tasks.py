@@ -87,3 +87,13 @@ def scale_then_convert(in_file: nib.Nifti1Image, factor: float) -> File:
 
 
 ScaleThenConvert = workflow.define(scale_then_convert)
+
+
+def scale_twice(in_file: nib.Nifti1Image) -> nib.Nifti1Image:
+    """Two python tasks passing an image: the inner result and the workflow's hold it."""
+    first = workflow.add(Scaled(img=in_file, factor=2.0), name='first')
+    second = workflow.add(Scaled(img=first.out, factor=3.0), name='second')
+    return second.out
+
+
+ScaleTwice = workflow.define(scale_twice)

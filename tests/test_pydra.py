@@ -367,6 +367,18 @@ def test_gc_of_a_store_file_a_cached_result_refers_to_reruns(anat, cache, store,
     assert runs() == ['scaled', 'scaled']
 
 
+def test_gc_under_a_cached_workflow_reruns_what_lost_its_files(anat, cache, store, runs):
+    want = (nt.load(anat).get_fdata(dtype='f4') * 6).astype('f4')
+    out = tasks.ScaleTwice(in_file=nt.load(anat))(cache_root=cache, worker='cf').out
+    np.testing.assert_array_equal(out.get_fdata(dtype='f4'), want)
+    del out
+    assert store.gc(max_bytes=0, keep_recent_seconds=0).removed == 2
+    again = tasks.ScaleTwice(in_file=nt.load(anat))(cache_root=cache, worker='cf').out
+    np.testing.assert_array_equal(again.get_fdata(dtype='f4'), want)
+    # both returned images were deleted: both cached results are taken for none, both rerun
+    assert runs() == ['scaled'] * 4
+
+
 def test_gc_of_a_dirty_input_store_file_reruns_or_serves_equal_content(anat, cache, store, runs):
     img = _dirty(anat)
     first = tasks.AnyImageSum(img=img)(cache_root=cache).out
