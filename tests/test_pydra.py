@@ -287,6 +287,17 @@ def test_python_task_returns_an_image_through_the_store(anat, cache, store):
     assert result_pickle.stat().st_size < out.get_fdata(dtype='f4').nbytes / 4
 
 
+def test_python_tasks_typed_with_file_types_take_images(anat, cache, store):
+    clean, dirty = nt.load(anat), _dirty(anat)
+    assert tasks.NiftiPath(in_file=clean)(cache_root=cache, worker='cf').out == str(anat)
+    stored = tasks.NiftiPath(in_file=dirty)(cache_root=cache, worker='cf').out
+    assert Path(stored).is_relative_to(store.root) and stored.endswith('.nii')
+    assert_same_content(nib.load(stored), dirty)
+    assert tasks.FileSize(in_file=dirty)(cache_root=cache).out == os.path.getsize(stored)
+    # the checksum is the path's
+    assert tasks.FileSize(in_file=clean)._checksum == tasks.FileSize(in_file=anat)._checksum
+
+
 def test_a_file_given_to_an_image_field_is_loaded(anat):
     assert tasks.VoxelSum(img=anat)(worker='debug').out == float(nib.load(anat).get_fdata().sum())
     assert tasks.VoxelSum(img=File(anat)).img.get_filename() == str(anat)
