@@ -1,5 +1,6 @@
 """accept_images: run-time resolution, formats, output names, real tools, bad input."""
 
+import importlib
 import os
 import pickle
 import shutil
@@ -134,18 +135,33 @@ def test_accept_images_returns_one_class_per_interface():
     assert nt.accept_images(fsl.FLIRT) is FLIRT
     assert nt.accept_images(FLIRT) is FLIRT
     assert issubclass(FLIRT, fsl.FLIRT) and FLIRT.__name__ == 'FLIRT'
-    assert FLIRT.__module__ == 'nipype_nibtrack.nipype.accept'
-    assert getattr(nt_interfaces, FLIRT.__qualname__) is FLIRT
-    assert FLIRT.input_spec.__qualname__ == f'{FLIRT.__qualname__}.input_spec'
+    assert FLIRT.__module__ == 'nipype_nibtrack.interfaces.fsl.preprocess'
+    assert FLIRT.__qualname__ == 'FLIRT'
+    assert FLIRT.input_spec.__qualname__ == 'FLIRT.input_spec'
     assert FLIRT.output_spec is fsl.FLIRT.output_spec
+
+
+def test_a_class_without_file_inputs_comes_back_unchanged():
+    from nipype.interfaces.utility import IdentityInterface
+
+    assert nt.accept_images(IdentityInterface) is IdentityInterface
+    assert nt.accept_images(CommandLine) is CommandLine
 
 
 def test_accept_images_refuses_non_interfaces():
     for bad in (fsl.FLIRT(), 'FLIRT', int):
         with pytest.raises(TypeError, match='nipype interface class'):
             nt.accept_images(bad)
-    with pytest.raises(AttributeError):
-        nt_interfaces.no_such_thing  # noqa: B018
+
+
+def test_users_classes_live_in_a_mirror_of_their_module():
+    aware = nt.accept_images(ByteCount)
+    assert aware.__module__ == f'nipype_nibtrack.nipype.accepted.{__name__}'
+    mirror = importlib.import_module(aware.__module__)
+    assert mirror.ByteCount is aware and mirror.VoxelSum is nt.accept_images(VoxelSum)
+    assert mirror.CommandLine is CommandLine and mirror.os is os
+    with pytest.raises(AttributeError, match='no_such_thing'):
+        mirror.no_such_thing  # noqa: B018
 
 
 def test_aware_class_and_instance_pickle_in_a_fresh_interpreter(tmp_path):
@@ -156,15 +172,16 @@ def test_aware_class_and_instance_pickle_in_a_fresh_interpreter(tmp_path):
         """
         import pickle, sys
         klass, flirt, scale = pickle.load(open(sys.argv[1], 'rb'))
-        import nipype_nibtrack.nipype.accept as m
-        assert klass.__module__ == 'nipype_nibtrack.nipype.accept', klass
+        assert klass.__module__ == 'nipype_nibtrack.interfaces.fsl.preprocess', klass
         assert type(flirt) is klass and flirt.inputs.dof == 6
-        assert scale.__name__ == 'Scale'
-        print(klass.__qualname__, flirt.cmdline.split()[0])
+        assert scale.__module__ == 'nipype_nibtrack.nipype.accepted.nipype_fixtures', scale
+        from nipype_nibtrack.interfaces import fsl
+        assert fsl.FLIRT is klass
+        print(klass.__qualname__, scale.__name__, flirt.cmdline.split()[0])
         """,
         str(payload),
     )
-    assert proc.stdout.split() == [FLIRT.__qualname__, 'flirt']
+    assert proc.stdout.split() == ['FLIRT', 'Scale', 'flirt']
 
 
 # ---------------------------------------------------------------- run-time resolution
