@@ -788,3 +788,27 @@ def test_nipype_suite_plugin_runs_wrapped_classes_without_recursion(tmp_path):
     assert ' passed' in summary and 'failed' not in summary
     # the doctests of the replaced classes were collected and ran
     assert int(summary.split(' passed')[0].split()[-1]) >= 20
+
+
+class _WithMaskInputSpec(nt.accept_images(fsl.BET).input_spec):
+    extra_mask = File(exists=True, argstr='-A2 %s', desc='a File input of our own')
+
+
+class BETWithMask(nt.accept_images(fsl.BET)):
+    """A user's subclass of a drop-in class, with a File input of its own."""
+
+    input_spec = _WithMaskInputSpec
+
+
+def test_a_subclass_of_a_drop_in_class_with_file_inputs_of_its_own():
+    img = nf.random_image(seed=32)
+    with pytest.raises(TraitError):
+        BETWithMask(extra_mask=img)  # plain File: nipype's refusal
+    aware = nt.accept_images(BETWithMask)
+    assert aware is not BETWithMask and issubclass(aware, BETWithMask)
+    assert nt.accept_images(aware) is aware
+    iface = aware(in_file=nf.ANAT, extra_mask=img, out_file='brain.nii.gz')
+    assert iface.inputs.extra_mask is img
+    mask = iface.cmdline.split('-A2 ')[1].split()[0]
+    assert mask.startswith(str(nf.store_root()))
+    assert list(aware.input_spec.class_traits()) == list(_WithMaskInputSpec.class_traits())

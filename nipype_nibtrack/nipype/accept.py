@@ -96,7 +96,9 @@ def _image_type(handler: Any, formats: tuple[str, ...]) -> Any | None:
 
 @_image_type.register
 def _(handler: File, formats: tuple[str, ...]) -> Any:
-    new = _copy(handler, type(handler) if isinstance(handler, ImageFile) else ImageFile)
+    if isinstance(handler, ImageFile):
+        return None  # takes images already
+    new = _copy(handler, ImageFile)
     new._metadata.setdefault('image_formats', formats)
     return new
 
@@ -442,7 +444,7 @@ def _build(interface_class: type, replaced: dict[str, CTrait]) -> type:
     inputs = {name: replaced.get(name, trait) for name, trait in spec.class_traits().items()}
     spec_class = type(
         spec.__name__,
-        (_ImageAwareSpec, spec),
+        (spec,) if issubclass(spec, _ImageAwareSpec) else (_ImageAwareSpec, spec),
         {
             **inputs,
             '__module__': module,
@@ -458,9 +460,12 @@ def _build(interface_class: type, replaced: dict[str, CTrait]) -> type:
         '__doc__': interface_class.__doc__,
         '_nibtrack_original': interface_class,
     }
-    if isinstance(getattr(interface_class, 'cmdline', None), property):
+    # a subclass of an image-aware class (with file inputs of its own) has the mixins
+    aware = issubclass(interface_class, _ImageAware)
+    if not aware and isinstance(getattr(interface_class, 'cmdline', None), property):
         namespace['cmdline'] = property(_cmdline, doc=interface_class.cmdline.__doc__)
-    return type(interface_class.__name__, (_ImageAware, interface_class), namespace)
+    bases = (interface_class,) if aware else (_ImageAware, interface_class)
+    return type(interface_class.__name__, bases, namespace)
 
 
 def accept_images(interface_class: type) -> type:
@@ -504,7 +509,7 @@ def accept_images(interface_class: type) -> type:
     """
     if not (isinstance(interface_class, type) and issubclass(interface_class, BaseInterface)):
         raise TypeError(f'accept_images takes a nipype interface class, got {interface_class!r}')
-    if issubclass(interface_class, _ImageAware):
+    if '_nibtrack_original' in vars(interface_class):
         return interface_class
     with _made_lock:
         if interface_class not in _made:
