@@ -4,6 +4,7 @@ import importlib
 import os
 import pickle
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -812,3 +813,66 @@ def test_a_subclass_of_a_drop_in_class_with_file_inputs_of_its_own():
     mask = iface.cmdline.split('-A2 ')[1].split()[0]
     assert mask.startswith(str(nf.store_root()))
     assert list(aware.input_spec.class_traits()) == list(_WithMaskInputSpec.class_traits())
+
+
+def test_star_import_takes_the_same_names():
+    space, nt_space = {}, {}
+    exec('from nipype.interfaces.fsl import *', space)
+    exec('from nipype_nibtrack.interfaces.fsl import *', nt_space)
+    assert set(nt_space) == set(space)
+    assert nt_space['BET'] is nt.accept_images(fsl.BET) and nt_space['Info'] is fsl.Info
+
+
+MAIN_SCRIPT = """
+import sys, tempfile
+import numpy as np, nibabel as nib
+import nipype_nibtrack as nt
+from nipype import Node, Workflow
+from nipype.interfaces.base import BaseInterface, BaseInterfaceInputSpec, File, TraitedSpec
+from nipype.interfaces.base import traits
+
+
+class SumInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True)
+
+
+class SumOutputSpec(TraitedSpec):
+    total = traits.Float()
+
+
+class VoxelSum(BaseInterface):
+    input_spec = SumInputSpec
+    output_spec = SumOutputSpec
+
+    def _run_interface(self, runtime):
+        self._total = float(np.asanyarray(nib.load(self.inputs.in_file).dataobj).sum())
+        return runtime
+
+    def _list_outputs(self):
+        return {'total': self._total}
+
+
+if __name__ == '__main__':
+    img = nib.Nifti1Image(np.ones((4, 4, 4), 'f4'), np.eye(4))
+    wf = Workflow('m', base_dir=sys.argv[1])
+    wf.add_nodes([Node(nt.accept_images(VoxelSum)(in_file=img), name='vsum')])
+    args = {'n_procs': 2, 'mp_context': 'spawn'}
+    (done,) = wf.run(plugin='MultiProc', plugin_args=args).nodes()
+    print(type(done.interface).__module__, done.result.outputs.total)
+"""
+
+
+@pytest.mark.slow
+def test_a_class_defined_in_a_script_runs_in_spawned_workers(tmp_path):
+    script = tmp_path / 'pipeline.py'
+    script.write_text(MAIN_SCRIPT)
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=nf.subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split()[-2:] == ['nipype_nibtrack.nipype.accepted.__main__', '64.0']

@@ -26,4 +26,6 @@ own object.
 from ..nipype import mirror as _mirror
 
 _mirror.install()
+_doc = __doc__
 _mirror.populate(__import__(__name__, fromlist=['_']), 'nipype.interfaces')
+__doc__ = _doc  # populate copies nipype's; this package keeps its own

@@ -76,18 +76,26 @@ def _mirrored(value: Any) -> Any:
 _lock = threading.RLock()
 
 
-def populate(module: types.ModuleType, original: str) -> None:
-    """Make ``module`` the mirror of the module named ``original`` (imported on first use).
+def _public(module: types.ModuleType) -> list[str]:
+    return [name for name in vars(module) if not name.startswith('_')]
 
-    Defines the module's ``__getattr__``, ``__dir__`` and ``__all__`` (PEP 562); names
-    are looked up once, then kept in the module.
+
+def populate(module: types.ModuleType, original: str) -> None:
+    """Make ``module`` the mirror of the module named ``original`` (imported here).
+
+    Defines the module's ``__getattr__`` and ``__dir__`` (PEP 562) and its
+    ``__doc__``; names are looked up on first use, then kept in the module; ``__all__``
+    is the original's at the time it is read.
     """
 
     def __getattr__(name: str) -> Any:
-        # dunder names describe the mirror itself: never the original's __file__ or __path__
+        source = importlib.import_module(original)
+        if name == '__all__':  # ``from mirror import *`` takes what the original gives now
+            public = getattr(source, '__all__', None)
+            return list(public if public is not None else _public(source))
+        # other dunder names describe the mirror itself: never the original's __file__
         if name.startswith('__') and name.endswith('__'):
             raise AttributeError(f'module {module.__name__!r} has no attribute {name!r}')
-        source = importlib.import_module(original)
         try:
             value = getattr(source, name)
         except AttributeError:
@@ -103,6 +111,7 @@ def populate(module: types.ModuleType, original: str) -> None:
     def __dir__() -> list[str]:
         return sorted(set(dir(importlib.import_module(original))) | set(module.__dict__))
 
+    module.__doc__ = importlib.import_module(original).__doc__
     module.__getattr__ = __getattr__
     module.__dir__ = __dir__
     module._nibtrack_mirrors = original
@@ -117,10 +126,6 @@ class _Loader(importlib.abc.Loader):
         if original is None:  # nipype_nibtrack.nipype.accepted: the root of user mirrors
             module.__doc__ = 'Mirrors of modules defining interfaces passed to accept_images.'
             return
-        source = importlib.import_module(original)
-        module.__doc__ = source.__doc__
-        if hasattr(source, '__all__'):
-            module.__all__ = list(source.__all__)
         populate(module, original)
 
 
@@ -135,10 +140,14 @@ class _Finder(importlib.abc.MetaPathFinder):
         original = original_name(fullname)
         if original is None or fullname == _INTERFACES:
             return None
-        found = importlib.util.find_spec(original)
-        if found is None:
-            return None
-        package = found.submodule_search_locations is not None
+        source = sys.modules.get(original)  # __main__ has no spec to find
+        if source is not None:
+            package = hasattr(source, '__path__')
+        else:
+            found = importlib.util.find_spec(original)
+            if found is None:
+                return None
+            package = found.submodule_search_locations is not None
         spec = importlib.machinery.ModuleSpec(fullname, self._loader, is_package=package)
         if package:
             spec.submodule_search_locations = []
