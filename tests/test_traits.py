@@ -7,6 +7,8 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nibabel.gifti import GiftiDataArray, GiftiImage
 from nipype.interfaces import afni, ants, elastix, fsl, mrtrix3, spm
 from nipype.interfaces.base import File, TraitedSpec
@@ -299,3 +301,93 @@ def test_inputs_naming_a_written_file_refuse_images():
         spec = nt.accept_images(interface)().inputs
         with pytest.raises(TraitError):
             setattr(spec, name, img)
+
+
+# ---------------------------------------------------------------- a property over trait shapes
+# Any nesting of File in List, InputMultiObject, Either, Tuple: the image-aware copy
+# validates every path-only value exactly as the original does, and takes an image at
+# every place the original takes an existing file.
+
+SHAPES = st.recursive(
+    st.just('file'),
+    lambda inner: st.one_of(
+        st.tuples(st.just('list'), inner),
+        st.tuples(st.just('multi'), inner),
+        st.tuples(st.just('either'), inner),
+        st.tuples(st.just('tuple'), inner, inner),
+    ),
+    max_leaves=4,
+)
+
+
+def _trait_of(shape):
+    from nipype.interfaces.base import InputMultiObject
+    from nipype.interfaces.base import Tuple as NipypeTuple
+    from nipype.interfaces.base import traits as nipype_traits
+
+    if shape == 'file':
+        return File(exists=True)
+    kind, *inner = shape
+    parts = [_trait_of(s) for s in inner]
+    return {
+        'list': lambda: nipype_traits.List(parts[0]),
+        'multi': lambda: InputMultiObject(parts[0]),
+        'either': lambda: nipype_traits.Either(parts[0], nipype_traits.Int),
+        'tuple': lambda: NipypeTuple(*parts),
+    }[kind]()
+
+
+def _values_of(shape, leaf):
+    """Values of ``shape`` whose file places hold what ``leaf`` draws."""
+    if shape == 'file':
+        return leaf
+    kind, *inner = shape
+    if kind in ('list', 'multi'):
+        return st.lists(_values_of(inner[0], leaf), max_size=3)
+    if kind == 'either':
+        return st.one_of(_values_of(inner[0], leaf), st.integers(-2, 2))
+    return st.tuples(*(_values_of(s, leaf) for s in inner))
+
+
+def _set(spec_class, value):
+    try:
+        spec = spec_class()
+        spec.x = value
+        return 'ok', repr(spec.x)
+    except TraitError as err:
+        return 'refused', type(err).__name__
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), shape=SHAPES)
+def test_image_aware_copies_validate_paths_as_the_original(data, shape):
+    class Original(TraitedSpec):
+        x = _trait_of(shape)
+
+    class Aware(TraitedSpec):
+        x = nt.nipype.image_trait(Original.class_traits()['x'])
+
+    paths = st.sampled_from([nf.ANAT, '/no/such/file.nii', 3.5, None])
+    value = data.draw(_values_of(shape, paths), label='path-only value')
+    assert _set(Aware, value) == _set(Original, value)
+    # every file place holding an existing file: the original takes it, and so does the
+    # copy with an image in any of those places
+    with_files = data.draw(_values_of(shape, st.just(nf.ANAT)), label='existing files')
+    img = nf.random_image(seed=40)
+    with_images = data.draw(
+        _values_of(shape, st.sampled_from([nf.ANAT, img])), label='images and files'
+    )
+    if _set(Original, with_files)[0] == 'ok':
+        assert _set(Aware, with_files) == _set(Original, with_files)
+    shape_ok = _set(Original, _as_paths(with_images, img))[0]
+    assert _set(Aware, with_images)[0] == shape_ok
+
+
+def _as_paths(value, img):
+    if value is img:
+        return nf.ANAT
+    if isinstance(value, list):
+        return [_as_paths(v, img) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_as_paths(v, img) for v in value)
+    return value
