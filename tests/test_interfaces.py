@@ -876,3 +876,23 @@ def test_a_class_defined_in_a_script_runs_in_spawned_workers(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split()[-2:] == ['nipype_nibtrack.nipype.accepted.__main__', '64.0']
+
+
+def test_an_input_given_to_run_keeps_its_value_afterwards(tmp_path):
+    """nipype's run(**inputs) sets them for good: the image set before does not come back."""
+    from nipype.interfaces import image
+
+    from nipype_nibtrack.interfaces import image as nt_image
+
+    shutil.copy(nf.ANAT, tmp_path / 'x.nii')
+    img = nt.load(nf.ANAT)
+    for klass in (image.Reorient, nt_image.Reorient):
+        iface = klass(in_file=nf.ANAT)
+        iface.run(cwd=str(tmp_path), in_file='x.nii')
+        assert iface.inputs.in_file == 'x.nii', klass
+    aware = nt_image.Reorient(in_file=img)
+    aware.run(cwd=str(tmp_path), in_file='x.nii')
+    assert aware.inputs.in_file == 'x.nii'
+    aware.inputs.in_file = img
+    aware.run(cwd=str(tmp_path))
+    assert aware.inputs.in_file is img  # untouched by run: the image again

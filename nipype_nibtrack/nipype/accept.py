@@ -354,14 +354,21 @@ class _ImageAware:
             replaced = frames.pop()
             if not frames:
                 del self.__dict__['_nibtrack_frames']
-            if replaced:
-                self.inputs.trait_set(trait_change_notify=False, **replaced)
+            # an input set meanwhile (run(in_file=...), or by the interface itself) keeps
+            # its new value, as in nipype; the others hold their images again
+            restore = {
+                name: image
+                for name, (image, path) in replaced.items()
+                if getattr(self.inputs, name) == path
+            }
+            if restore:
+                self.inputs.trait_set(trait_change_notify=False, **restore)
 
     def _nibtrack_resolve(self) -> None:
         frames = self.__dict__.get('_nibtrack_frames')
         if frames:
             for name, value in resolve_spec_images(self.inputs).items():
-                frames[-1].setdefault(name, value)
+                frames[-1].setdefault(name, (value, getattr(self.inputs, name)))
 
     def run(self, *args: Any, **kwargs: Any) -> Any:
         with self._nibtrack_resolving():
