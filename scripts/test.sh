@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Everything the project checks: install, start the one-node SLURM cluster (as root),
-# lint, the test suite (doctests included) and the documentation build.
+# lint, the test suite (doctests included), nipype's own interface suite twice (as
+# shipped, then with every interface class replaced by its image-aware class) and the
+# documentation build.
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$root"
@@ -12,6 +14,23 @@ export LOGNAME="${LOGNAME:-$(id -un)}"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/python -m pytest "$@"
+
+# nipype's interface suite (its tests and doctests, its own pytest.ini), each run in a
+# temporary directory of its own: the suite leaves files behind in its data folder.
+suite=$(mktemp -d)
+nipype_ini=$(.venv/bin/python -c 'import nipype, os; print(os.path.join(os.path.dirname(nipype.__file__), "pytest.ini"))')
+run_nipype_suite() {  # name, then extra pytest arguments
+    local name=$1
+    shift
+    mkdir -p "$suite/$name"
+    TMPDIR="$suite/$name" FSLOUTPUTTYPE=NIFTI_GZ NIPYPE_NO_ET=1 .venv/bin/python -m pytest \
+        -c "$nipype_ini" --pyargs nipype.interfaces -q -p no:cacheprovider \
+        --junitxml="$suite/$name.xml" "$@" >"$suite/$name.log" 2>&1 || true
+    tail -n 1 "$suite/$name.log"
+}
+run_nipype_suite shipped
+run_nipype_suite wrapped -p tests.nipype_suite.plugin
+.venv/bin/python tests/nipype_suite/compare.py "$suite/shipped.xml" "$suite/wrapped.xml"
 if [ -f docs/conf.py ]; then
     .venv/bin/python -m sphinx -W --keep-going -b html -q docs docs/_build/html
 fi

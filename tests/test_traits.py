@@ -7,12 +7,15 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from nibabel.gifti import GiftiDataArray, GiftiImage
-from nipype.interfaces import ants, elastix, fsl, mrtrix3
+from nipype.interfaces import afni, ants, elastix, fsl, mrtrix3, spm
 from nipype.interfaces.base import File, TraitedSpec
 from nipype.interfaces.base.traits_extension import BasePath
-from traits.api import List, TraitError
+from traits.api import BaseTuple, Dict, List, TraitError, Union
 from traits.trait_base import _Undefined
+from traits.trait_handlers import TraitCompound
 
 import nipype_nibtrack as nt
 from nipype_nibtrack.nipype.traits import ImageFile, InputMultiImage, contains_image, is_image
@@ -41,9 +44,12 @@ METADATA = (
 INTERFACES = [
     fsl.FLIRT,
     elastix.Registration,
-    ants.Registration,
+    ants.Registration,  # InputMultiObject(Either(File, Tuple/List...)) masks, transforms
     ants.ApplyTransforms,
-    mrtrix3.MRConvert,
+    ants.MultiplyImages,  # Either(File, Float)
+    mrtrix3.MRConvert,  # Tuple(File, File) gradients
+    spm.Realign,  # InputMultiObject(Either(ImageFileSPM, List(ImageFileSPM)))
+    afni.Deconvolve,
 ]
 
 
@@ -185,34 +191,57 @@ def _type_attrs(trait_type) -> dict:
     }
 
 
+def _children(handler) -> list:
+    """The handlers directly inside a compound trait type (Either, List, Tuple...)."""
+    if isinstance(handler, TraitCompound):
+        return list(handler.handlers)
+    if isinstance(handler, Union):
+        return [t.handler for t in handler.list_ctrait_instances]
+    if isinstance(handler, Dict):
+        return [handler.value_trait.handler]
+    if isinstance(handler, BaseTuple):
+        return [t.handler for t in handler.types]
+    if isinstance(handler, List):
+        return [handler.item_trait.handler]
+    return []
+
+
+def _check_same_shape(old, new, where: str, takes_images: bool) -> int:
+    """Assert ``new`` is ``old`` with every File an ImageFile; returns how many."""
+    if isinstance(old, File):
+        if not takes_images:
+            assert new is old, where  # names a file the tool writes: stays File
+            return 0
+        assert isinstance(new, ImageFile), where
+        assert _type_attrs(new) == _type_attrs(old), where
+        assert new._metadata.items() >= old._metadata.items(), where
+        return 1
+    assert type(new) is type(old), where
+    old_kids, new_kids = _children(old), _children(new)
+    assert len(old_kids) == len(new_kids), where
+    files = sum(
+        _check_same_shape(o, n, f'{where}[{i}]', takes_images)
+        for i, (o, n) in enumerate(zip(old_kids, new_kids, strict=True))
+    )
+    if files == 0:
+        assert new is old, where  # nothing inside takes an image: the very same trait
+    return files
+
+
 @pytest.mark.parametrize('interface', INTERFACES, ids=lambda c: f'{c.__module__}.{c.__name__}')
 def test_accept_images_keeps_every_trait_and_its_metadata(interface):
     aware = nt.accept_images(interface)
     original = interface.input_spec.class_traits()
     copied = aware.input_spec.class_traits()
-    assert set(original) == set(copied)
+    assert list(original) == list(copied)  # same inputs, same order
     replaced = 0
     outputs = set(interface.output_spec.class_trait_names()) if interface.output_spec else set()
     for name, trait in original.items():
         new = copied[name]
         assert _trait_metadata(new) == _trait_metadata(trait), name
-        old_type, new_type = trait.trait_type, new.trait_type
-        if trait.genfile or trait.name_source or name in outputs:
-            assert new_type is old_type, name  # names a file the tool writes: stays File
-        elif isinstance(old_type, File):
-            replaced += 1
-            assert isinstance(new_type, ImageFile), name
-            assert _type_attrs(new_type) == _type_attrs(old_type), name
-            assert new_type._metadata.items() >= old_type._metadata.items(), name
-        elif isinstance(old_type, List) and isinstance(old_type.item_trait.trait_type, File):
-            replaced += 1
-            assert type(new_type) is type(old_type), name
-            assert isinstance(new_type.item_trait.trait_type, ImageFile), name
-            assert _type_attrs(new_type.item_trait.trait_type) == _type_attrs(
-                old_type.item_trait.trait_type
-            )
-        else:
-            assert new_type is old_type, name  # untouched
+        assert new.default_value() == trait.default_value(), name
+        writes = bool(trait.genfile or trait.name_source or name in outputs)
+        replaced += _check_same_shape(trait.handler, new.handler, name, not writes) > 0
     assert replaced >= 2
     # the original interface is left alone
     assert not any(
@@ -272,3 +301,93 @@ def test_inputs_naming_a_written_file_refuse_images():
         spec = nt.accept_images(interface)().inputs
         with pytest.raises(TraitError):
             setattr(spec, name, img)
+
+
+# ---------------------------------------------------------------- a property over trait shapes
+# Any nesting of File in List, InputMultiObject, Either, Tuple: the image-aware copy
+# validates every path-only value exactly as the original does, and takes an image at
+# every place the original takes an existing file.
+
+SHAPES = st.recursive(
+    st.just('file'),
+    lambda inner: st.one_of(
+        st.tuples(st.just('list'), inner),
+        st.tuples(st.just('multi'), inner),
+        st.tuples(st.just('either'), inner),
+        st.tuples(st.just('tuple'), inner, inner),
+    ),
+    max_leaves=4,
+)
+
+
+def _trait_of(shape):
+    from nipype.interfaces.base import InputMultiObject
+    from nipype.interfaces.base import Tuple as NipypeTuple
+    from nipype.interfaces.base import traits as nipype_traits
+
+    if shape == 'file':
+        return File(exists=True)
+    kind, *inner = shape
+    parts = [_trait_of(s) for s in inner]
+    return {
+        'list': lambda: nipype_traits.List(parts[0]),
+        'multi': lambda: InputMultiObject(parts[0]),
+        'either': lambda: nipype_traits.Either(parts[0], nipype_traits.Int),
+        'tuple': lambda: NipypeTuple(*parts),
+    }[kind]()
+
+
+def _values_of(shape, leaf):
+    """Values of ``shape`` whose file places hold what ``leaf`` draws."""
+    if shape == 'file':
+        return leaf
+    kind, *inner = shape
+    if kind in ('list', 'multi'):
+        return st.lists(_values_of(inner[0], leaf), max_size=3)
+    if kind == 'either':
+        return st.one_of(_values_of(inner[0], leaf), st.integers(-2, 2))
+    return st.tuples(*(_values_of(s, leaf) for s in inner))
+
+
+def _set(spec_class, value):
+    try:
+        spec = spec_class()
+        spec.x = value
+        return 'ok', repr(spec.x)
+    except TraitError as err:
+        return 'refused', type(err).__name__
+
+
+@settings(max_examples=150, deadline=None)
+@given(data=st.data(), shape=SHAPES)
+def test_image_aware_copies_validate_paths_as_the_original(data, shape):
+    class Original(TraitedSpec):
+        x = _trait_of(shape)
+
+    class Aware(TraitedSpec):
+        x = nt.nipype.image_trait(Original.class_traits()['x'])
+
+    paths = st.sampled_from([nf.ANAT, '/no/such/file.nii', 3.5, None])
+    value = data.draw(_values_of(shape, paths), label='path-only value')
+    assert _set(Aware, value) == _set(Original, value)
+    # every file place holding an existing file: the original takes it, and so does the
+    # copy with an image in any of those places
+    with_files = data.draw(_values_of(shape, st.just(nf.ANAT)), label='existing files')
+    img = nf.random_image(seed=40)
+    with_images = data.draw(
+        _values_of(shape, st.sampled_from([nf.ANAT, img])), label='images and files'
+    )
+    if _set(Original, with_files)[0] == 'ok':
+        assert _set(Aware, with_files) == _set(Original, with_files)
+    shape_ok = _set(Original, _as_paths(with_images, img))[0]
+    assert _set(Aware, with_images)[0] == shape_ok
+
+
+def _as_paths(value, img):
+    if value is img:
+        return nf.ANAT
+    if isinstance(value, list):
+        return [_as_paths(v, img) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_as_paths(v, img) for v in value)
+    return value

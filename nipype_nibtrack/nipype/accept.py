@@ -1,21 +1,25 @@
 """Make any nipype interface accept nibabel images.
 
 :func:`accept_images` returns a subclass of an interface whose input spec takes images
-wherever it took files. Images become file names at the last moment: when the
-interface runs or its ``cmdline`` is read, and inside a node when the node is hashed,
+wherever it took files, at any depth of ``Either``, ``List``, ``InputMultiPath``,
+``Tuple``, ``Union`` and ``Dict`` traits. For paths it behaves exactly as the original
+class: same inputs in the same order with the same metadata and defaults, same
+``run`` (nipype sets its inputs, in its own order of operations), same command lines.
+Images become file names at the last moment: when ``run`` starts or nipype checks the
+mandatory inputs, when ``cmdline`` is read, and inside a node when the node is hashed,
 just before it runs; so the command line, ``copyfile`` handling, derived output names
 and the recorded inputs all see plain paths.
 
-Classes made here live in this module under names that encode the original class
-(``FLIRT@nipype:interfaces:fsl:preprocess``); the module's ``__getattr__`` rebuilds
-them on demand, so pickles of nodes using them load in a fresh batch worker that has
-only imported ``nipype_nibtrack``.
+A wrapped class lives in the mirror of its original's module
+(:mod:`nipype_nibtrack.nipype.mirror`): ``fsl.FLIRT`` becomes
+``nipype_nibtrack.interfaces.fsl.preprocess.FLIRT``, so pickles, ``Workflow.export()``
+and nipype's package labels find it.
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib
+import functools
 import logging
 import threading
 from collections.abc import Iterator
@@ -23,12 +27,22 @@ from typing import Any
 
 from nipype.interfaces.base import BaseInterface
 from nipype.interfaces.base.traits_extension import File
-from traits.api import List
+from traits.api import BaseTuple, CTrait, Dict, List, TraitType, Union
+from traits.trait_handlers import TraitCompound
 
 from .. import normalise_formats, resolve
+from .mirror import mirror_name
 from .traits import ImageFile, contains_image, is_image, iter_images
 
-__all__ = ['FAMILY_FORMATS', 'accept_images', 'formats_for', 'resolve_spec_images']
+__all__ = [
+    'FAMILY_FORMATS',
+    'accept_images',
+    'formats_for',
+    'image_trait',
+    'resolve_spec_images',
+    'takes_images',
+    'trait_formats',
+]
 
 logger = logging.getLogger('nipype.workflow')
 
@@ -44,7 +58,6 @@ FAMILY_FORMATS: dict[str, tuple[str, ...]] = {
     'nipype.interfaces.spm': ('.nii', '.img', '.hdr'),
 }
 _DEFAULT = ('.nii', '.nii.gz')
-_SEP = '@'
 
 
 def formats_for(interface_class: type) -> tuple[str, ...]:
@@ -60,60 +73,159 @@ def formats_for(interface_class: type) -> tuple[str, ...]:
     return FAMILY_FORMATS[best] if best else _DEFAULT
 
 
-def _copy_trait_type(old: Any, klass: type, formats: tuple[str, ...]) -> Any:
+# ------------------------------------------------------------ image-accepting trait types
+
+
+def _copy(old: Any, klass: type | None = None) -> Any:
     # TraitType.clone() keeps the original class; copying __dict__ keeps all metadata
-    new = klass.__new__(klass)
+    new = (klass or type(old)).__new__(klass or type(old))
     new.__dict__.update(old.__dict__)
-    new._metadata = dict(old._metadata)
+    if '_metadata' in old.__dict__:
+        new._metadata = dict(old._metadata)
+    return new
+
+
+@functools.singledispatch
+def _image_type(handler: Any, formats: tuple[str, ...]) -> Any | None:
+    """An image-accepting copy of a trait type or handler; None if no File sits inside.
+
+    A registry: one function per kind of trait that can hold a ``File``.
+    """
+    return None
+
+
+@_image_type.register
+def _(handler: File, formats: tuple[str, ...]) -> Any:
+    if isinstance(handler, ImageFile):
+        return None  # takes images already
+    new = _copy(handler, ImageFile)
     new._metadata.setdefault('image_formats', formats)
     return new
 
 
-def _image_trait(trait_type: Any, formats: tuple[str, ...]) -> Any | None:
-    """An image-accepting copy of a File trait type or list of them; None otherwise."""
-    if isinstance(trait_type, File):
-        klass = trait_type.__class__ if isinstance(trait_type, ImageFile) else ImageFile
-        return _copy_trait_type(trait_type, klass, formats)
-    if isinstance(trait_type, List):
-        inner = _image_trait(trait_type.item_trait.trait_type, formats)
-        if inner is None:
-            return None
-        new = _copy_trait_type(trait_type, type(trait_type), formats)
-        new.item_trait = inner.as_ctrait()
-        return new
-    return None
+@_image_type.register
+def _(handler: List, formats: tuple[str, ...]) -> Any | None:
+    # List and nipype's InputMultiObject / InputMultiPath, a List subclass
+    item = image_trait(handler.item_trait, formats)
+    if item is None:
+        return None
+    new = _copy(handler)
+    new.item_trait = item
+    return new
 
 
-class _ImageAwareSpec:
-    """Mixed into generated input specs: resolves images before hashing, shares them
-    between deep copies."""
+@_image_type.register
+def _(handler: BaseTuple, formats: tuple[str, ...]) -> Any | None:
+    types = [image_trait(t, formats) for t in handler.types]
+    if not any(types):
+        return None
+    new = _copy(handler)
+    new.types = tuple(n or t for n, t in zip(types, handler.types, strict=True))
+    if 'fast_validate' in handler.__dict__:
+        new.fast_validate = (handler.fast_validate[0], new.types, *handler.fast_validate[2:])
+    return new
 
-    _nibtrack_formats: tuple[str, ...] = _DEFAULT
 
-    def __deepcopy__(self, memo: dict) -> Any:
-        # nipype deep-copies the graph several times per run. A plain spec copies a
-        # single image input by reference, but a list input is a TraitListObject that
-        # traits deep-copies item by item, arrays included: seed the memo so every copy
-        # shares the image objects. They are only ever read, never modified, here.
-        # The seeds are removed afterwards: the memo is shared by the whole graph copy,
-        # and other nodes (Function inputs) keep nipype's own copying.
-        seeded = {}
-        for value in self.trait_get().values():
-            for img in iter_images(value):
-                if id(img) not in memo:
-                    seeded[id(img)] = memo[id(img)] = img
-        try:
-            return super().__deepcopy__(memo)
-        finally:
-            for key, img in seeded.items():
-                if memo.get(key) is img:
-                    del memo[key]
+@_image_type.register
+def _(handler: Union, formats: tuple[str, ...]) -> Any | None:
+    members = [image_trait(t, formats) for t in handler.list_ctrait_instances]
+    if not any(members):
+        return None
+    new = _copy(handler)
+    old = handler.list_ctrait_instances
+    new.list_ctrait_instances = [n or t for n, t in zip(members, old, strict=True)]
+    return new
 
-    def get_hashval(self, hash_method: str | None = None) -> Any:
-        # Inside a node: this runs just before the interface does; the node's copy of
-        # the interface then holds paths for copyfile, cmdline and its pickles.
-        resolve_spec_images(self)
-        return super().get_hashval(hash_method=hash_method)
+
+@_image_type.register
+def _(handler: Dict, formats: tuple[str, ...]) -> Any | None:
+    value = image_trait(handler.value_trait, formats)
+    if value is None:
+        return None
+    new = _copy(handler)
+    new.value_trait = value
+    new.value_handler = value.handler
+    return new
+
+
+@_image_type.register
+def _(handler: TraitCompound, formats: tuple[str, ...]) -> Any | None:
+    # traits.Either(...): a compound handler over trait types
+    members = [_image_type(h, formats) for h in handler.handlers]
+    if not any(m is not None for m in members):
+        return None
+    pairs = zip(members, handler.handlers, strict=True)
+    return TraitCompound([n if n is not None else h for n, h in pairs])
+
+
+def image_trait(trait: CTrait, formats: tuple[str, ...] = _DEFAULT) -> CTrait | None:
+    """An image-accepting copy of ``trait``, or None when no ``File`` sits inside it.
+
+    Every ``File`` at any depth becomes an :class:`ImageFile`; everything else about the
+    trait (metadata, default, comparison mode, item and member traits) is kept.
+
+    >>> from nipype.interfaces import spm
+    >>> trait = spm.Realign.input_spec.class_traits()['in_files']
+    >>> new = image_trait(trait)
+    >>> new.argstr == trait.argstr, new.default_value() == trait.default_value()
+    (True, True)
+    >>> image_trait(spm.Realign.input_spec.class_traits()['quality']) is None
+    True
+    """
+    handler = trait.handler
+    new_handler = _image_type(handler, formats) if handler is not None else None
+    if new_handler is None:
+        return None
+    new = CTrait(0)
+    new.clone(trait)
+    if trait.__dict__:
+        new.__dict__ = dict(trait.__dict__)
+    new.handler = new_handler
+    new.set_validate(getattr(new_handler, 'fast_validate', None) or new_handler.validate)
+    post_setattr = getattr(new_handler, 'post_setattr', None)
+    if post_setattr is not None:
+        new.post_setattr = post_setattr
+    return new
+
+
+@functools.singledispatch
+def _members(handler: Any) -> list[CTrait]:
+    """The traits directly inside a compound trait type (a registry, as ``_image_type``)."""
+    return []
+
+
+@_members.register
+def _(handler: List) -> list[CTrait]:
+    return [handler.item_trait]
+
+
+@_members.register
+def _(handler: BaseTuple) -> list[CTrait]:
+    return list(handler.types)
+
+
+@_members.register
+def _(handler: Union) -> list[CTrait]:
+    return list(handler.list_ctrait_instances)
+
+
+@_members.register
+def _(handler: Dict) -> list[CTrait]:
+    return [handler.value_trait]
+
+
+@_members.register
+def _(handler: TraitCompound) -> list[CTrait]:
+    return [h.as_ctrait() for h in handler.handlers if isinstance(h, TraitType)]
+
+
+def _image_files(trait: CTrait) -> Iterator[ImageFile]:
+    """Every :class:`ImageFile` inside ``trait``, outermost first."""
+    if isinstance(trait.handler, ImageFile):
+        yield trait.handler
+        return
+    for member in _members(trait.handler):
+        yield from _image_files(member)
 
 
 def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
@@ -125,14 +237,19 @@ def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
     (('.nii', '.nii.gz'), None)
     """
     trait = spec.trait(name)
-    trait_type = trait.trait_type if trait is not None else None
-    while isinstance(trait_type, List):
-        trait_type = trait_type.item_trait.trait_type
-    if isinstance(trait_type, ImageFile):
-        return trait_type.formats(getattr(spec, '_nibtrack_formats', None))
-    if isinstance(trait_type, File) and trait_type._exts:
-        return normalise_formats(trait_type._exts)
+    if trait is None:
+        return None
+    found = next(_image_files(trait), None)
+    if found is not None:
+        return found.formats(getattr(spec, '_nibtrack_formats', None))
+    while isinstance(trait.handler, List):
+        trait = trait.handler.item_trait
+    if isinstance(trait.handler, File) and trait.handler._exts:
+        return normalise_formats(trait.handler._exts)
     return None
+
+
+# ------------------------------------------------------------ resolution
 
 
 def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> Any:
@@ -182,31 +299,99 @@ def resolve_spec_images(spec: Any) -> dict[str, Any]:
     return replaced
 
 
-@contextlib.contextmanager
-def _resolved(interface: Any) -> Iterator[None]:
-    replaced = resolve_spec_images(interface.inputs)
-    try:
-        yield
-    finally:
-        if replaced:
-            interface.inputs.trait_set(trait_change_notify=False, **replaced)
+class _ImageAwareSpec:
+    """Mixed into generated input specs: resolves images before hashing, shares them
+    between deep copies."""
+
+    _nibtrack_formats: tuple[str, ...] = _DEFAULT
+
+    def __deepcopy__(self, memo: dict) -> Any:
+        # nipype deep-copies the graph several times per run. A plain spec copies a
+        # single image input by reference, but a list input is a TraitListObject that
+        # traits deep-copies item by item, arrays included: seed the memo so every copy
+        # shares the image objects. They are only ever read, never modified, here.
+        # The seeds are removed afterwards: the memo is shared by the whole graph copy,
+        # and other nodes (Function inputs) keep nipype's own copying.
+        seeded = {}
+        for value in self.trait_get().values():
+            for img in iter_images(value):
+                if id(img) not in memo:
+                    seeded[id(img)] = memo[id(img)] = img
+        try:
+            return super().__deepcopy__(memo)
+        finally:
+            for key, img in seeded.items():
+                if memo.get(key) is img:
+                    del memo[key]
+
+    def get_hashval(self, hash_method: str | None = None) -> Any:
+        # Inside a node: this runs just before the interface does; the node's copy of
+        # the interface then holds paths for copyfile, cmdline and its pickles.
+        resolve_spec_images(self)
+        return super().get_hashval(hash_method=hash_method)
 
 
 class _ImageAware:
-    """Mixed into generated interfaces: resolves images around ``run`` and ``cmdline``."""
+    """Mixed into generated interfaces: images are file names while nipype runs or
+    formats the interface, and images again afterwards.
+
+    ``run`` passes its arguments through untouched: nipype (or the interface's own
+    ``run``) sets them, relative paths inside ``cwd``. Images already set are resolved
+    when ``run`` starts, images passed to ``run`` when nipype checks the mandatory
+    inputs, right after setting them.
+    """
 
     _nibtrack_original: type
 
-    def run(self, cwd: str | None = None, ignore_exception: bool | None = None, **inputs: Any):
-        if inputs:
-            self.inputs.trait_set(**inputs)
-        with _resolved(self):
-            return super().run(cwd=cwd, ignore_exception=ignore_exception)
+    @contextlib.contextmanager
+    def _nibtrack_resolving(self) -> Iterator[None]:
+        frames = self.__dict__.setdefault('_nibtrack_frames', [])
+        frames.append({})
+        try:
+            self._nibtrack_resolve()
+            yield
+        finally:
+            replaced = frames.pop()
+            if not frames:
+                del self.__dict__['_nibtrack_frames']
+            # an input set meanwhile (run(in_file=...), or by the interface itself) keeps
+            # its new value, as in nipype; the others hold their images again
+            restore = {
+                name: image
+                for name, (image, path) in replaced.items()
+                if getattr(self.inputs, name) == path
+            }
+            if restore:
+                self.inputs.trait_set(trait_change_notify=False, **restore)
 
-    @property
-    def cmdline(self) -> str:
-        with _resolved(self):
-            return super().cmdline
+    def _nibtrack_resolve(self) -> None:
+        frames = self.__dict__.get('_nibtrack_frames')
+        if frames:
+            for name, value in resolve_spec_images(self.inputs).items():
+                frames[-1].setdefault(name, (value, getattr(self.inputs, name)))
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        with self._nibtrack_resolving():
+            return super().run(*args, **kwargs)
+
+    def _check_mandatory_inputs(self) -> Any:
+        self._nibtrack_resolve()
+        return super()._check_mandatory_inputs()
+
+    def __getstate__(self) -> dict:
+        # a pickle taken while running (a crash file) holds no resolution frames
+        state = super().__getstate__()
+        if isinstance(state, dict) and '_nibtrack_frames' in state:
+            state = {k: v for k, v in state.items() if k != '_nibtrack_frames'}
+        return state
+
+
+def _cmdline(self: Any) -> str:
+    with self._nibtrack_resolving():
+        return super(_ImageAware, self).cmdline
+
+
+# ------------------------------------------------------------ the classes
 
 
 _made: dict[type, type] = {}
@@ -227,19 +412,83 @@ def _names_an_output(name: str, trait: Any, outputs: set[str]) -> bool:
     return bool(trait.genfile or trait.name_source or name in outputs)
 
 
-def _encode(klass: type) -> str:
-    return f'{klass.__qualname__}{_SEP}{klass.__module__}'.replace('.', ':')
+def _image_traits(interface_class: type) -> dict[str, CTrait]:
+    """The image-accepting replacement of each input of ``interface_class`` that has one."""
+    formats = formats_for(interface_class)
+    outputs = _output_names(interface_class)
+    spec = interface_class.input_spec
+    if spec is None:
+        return {}
+    return {
+        name: new
+        for name, trait in spec.class_traits().items()
+        if not _names_an_output(name, trait, outputs)
+        and (new := image_trait(trait, formats)) is not None
+    }
+
+
+def takes_images(interface_class: type) -> bool:
+    """True when :func:`accept_images` changes something: a file input an image can fill.
+
+    >>> from nipype.interfaces import fsl, utility
+    >>> takes_images(fsl.BET), takes_images(utility.IdentityInterface)
+    (True, False)
+    """
+    return (
+        isinstance(interface_class, type)
+        and issubclass(interface_class, BaseInterface)
+        and (issubclass(interface_class, _ImageAware) or bool(_image_traits(interface_class)))
+    )
+
+
+def _build(interface_class: type, replaced: dict[str, CTrait]) -> type:
+    formats = formats_for(interface_class)
+    module = mirror_name(interface_class.__module__)
+    qualname = interface_class.__qualname__
+    spec = interface_class.input_spec
+    # every input declared again, in the original order: traits lists the inputs of a
+    # class before the inherited ones, and nipype reports the first missing input
+    inputs = {name: replaced.get(name, trait) for name, trait in spec.class_traits().items()}
+    spec_class = type(
+        spec.__name__,
+        (spec,) if issubclass(spec, _ImageAwareSpec) else (_ImageAwareSpec, spec),
+        {
+            **inputs,
+            '__module__': module,
+            '__qualname__': f'{qualname}.input_spec',
+            '__doc__': spec.__doc__,
+            '_nibtrack_formats': formats,
+        },
+    )
+    namespace = {
+        'input_spec': spec_class,
+        '__module__': module,
+        '__qualname__': qualname,
+        '__doc__': interface_class.__doc__,
+        '_nibtrack_original': interface_class,
+    }
+    # a subclass of an image-aware class (with file inputs of its own) has the mixins
+    aware = issubclass(interface_class, _ImageAware)
+    if not aware and isinstance(getattr(interface_class, 'cmdline', None), property):
+        namespace['cmdline'] = property(_cmdline, doc=interface_class.cmdline.__doc__)
+    bases = (interface_class,) if aware else (_ImageAware, interface_class)
+    return type(interface_class.__name__, bases, namespace)
 
 
 def accept_images(interface_class: type) -> type:
     """A subclass of ``interface_class`` whose file inputs also take nibabel images.
 
-    Every ``File`` input and every list of them becomes an :class:`ImageFile` input
-    with the same metadata, except inputs that name a file the tool writes
-    (``genfile``, ``name_source``, or the name of an output): the tool would overwrite
-    the image's file there. Works for ``CommandLine`` interfaces (FSL, elastix, ANTs,
-    mrtrix3...) and for ``BaseInterface`` subclasses written in Python. Calling it
-    again returns the same class.
+    Every ``File`` input, at any depth of ``Either``/``List``/``InputMultiPath``/
+    ``Tuple``/``Union``/``Dict``, becomes an :class:`ImageFile` with the same
+    metadata, except inputs that name a file the tool writes (``genfile``,
+    ``name_source``, or the name of an output): the tool would overwrite the image's
+    file there. For paths the class behaves exactly as the original; its help says
+    which inputs take an image. Works for ``CommandLine`` interfaces (FSL, elastix,
+    ANTs, mrtrix3...) and for ``BaseInterface`` subclasses written in Python. Calling
+    it again returns the same class; a class with no such input comes back unchanged.
+
+    The class lives in the mirror of its original's module (see
+    :mod:`nipype_nibtrack.nipype.mirror`), so pickles of it load in a fresh worker.
 
     Parameters
     ----------
@@ -256,6 +505,8 @@ def accept_images(interface_class: type) -> type:
     >>> from nipype.interfaces import fsl
     >>> from nibabel.testing import data_path
     >>> FLIRT = accept_images(fsl.FLIRT)
+    >>> FLIRT.__module__
+    'nipype_nibtrack.interfaces.fsl.preprocess'
     >>> anat = os.path.join(data_path, 'anatomical.nii')
     >>> flirt = FLIRT(in_file=nib.load(anat), reference=anat, out_file='out.nii.gz')
     >>> flirt.cmdline == f'flirt -in {anat} -ref {anat} -out out.nii.gz -omat anatomical_flirt.mat'
@@ -265,53 +516,12 @@ def accept_images(interface_class: type) -> type:
     """
     if not (isinstance(interface_class, type) and issubclass(interface_class, BaseInterface)):
         raise TypeError(f'accept_images takes a nipype interface class, got {interface_class!r}')
-    if issubclass(interface_class, _ImageAware):
+    if '_nibtrack_original' in vars(interface_class):
         return interface_class
     with _made_lock:
-        if interface_class in _made:
-            return _made[interface_class]
-        formats = formats_for(interface_class)
-        qualname = _encode(interface_class)
-        spec = interface_class.input_spec
-        outputs = _output_names(interface_class)
-        replaced = {
-            name: new
-            for name, trait in spec.class_traits().items()
-            if trait.trait_type is not None
-            and not _names_an_output(name, trait, outputs)
-            and (new := _image_trait(trait.trait_type, formats)) is not None
-        }
-        spec_class = type(
-            spec.__name__,
-            (_ImageAwareSpec, spec),
-            {
-                **replaced,
-                '__module__': __name__,
-                '__qualname__': f'{qualname}.input_spec',
-                '_nibtrack_formats': formats,
-            },
-        )
-        aware = type(
-            interface_class.__name__,
-            (_ImageAware, interface_class),
-            {
-                'input_spec': spec_class,
-                '__module__': __name__,
-                '__qualname__': qualname,
-                '__doc__': interface_class.__doc__,
-                '_nibtrack_original': interface_class,
-            },
-        )
-        _made[interface_class] = aware
-        return aware
-
-
-def __getattr__(name: str) -> Any:
-    """Rebuild an image-aware class named by :func:`accept_images` (for unpickling)."""
-    qualname, sep, module = name.partition(_SEP)
-    if not sep:
-        raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
-    target: Any = importlib.import_module(module.replace(':', '.'))
-    for part in qualname.split(':'):
-        target = getattr(target, part)
-    return accept_images(target)
+        if interface_class not in _made:
+            replaced = _image_traits(interface_class)
+            _made[interface_class] = (
+                _build(interface_class, replaced) if replaced else interface_class
+            )
+        return _made[interface_class]
