@@ -12,14 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
 from .digest import image_digest
 from .export import Target, choose_target, export_image
-from .fileid import all_settled, path_id
-from .provenance import source_files
+from .fileid import all_settled, kernel_path, path_id
+from .provenance import bound_source, main_path, source_files
 from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import Store, get_store
@@ -177,7 +178,7 @@ def image_label(img: Any) -> str:
     (True, True)
     """
     if cleanliness(img).reason is None:
-        return os.path.abspath(img.get_filename())
+        return kernel_path(main_path(img))
     return f'{_stem(img)}_{image_digest(img)[:16]}'
 
 
@@ -195,7 +196,7 @@ def _existing_file(value: str | os.PathLike) -> str:
         raise ValueError('an empty string is not a file name; pass an existing file or an image')
     if '\0' in raw:
         raise ValueError(f'{raw!r} contains a NUL character and cannot name a file')
-    path = os.path.abspath(raw)
+    path = kernel_path(raw)  # never folded as text: the kernel follows the links
     given = f'(given {raw!r})'
     try:
         st = os.stat(path)
@@ -204,7 +205,7 @@ def _existing_file(value: str | os.PathLike) -> str:
             target = os.path.join(os.path.dirname(path), os.readlink(path))
             raise FileNotFoundError(
                 errno.ENOENT,
-                f'{path} is a broken symbolic link: its target {os.path.normpath(target)} '
+                f'{path} is a broken symbolic link: its target {target} '
                 f'does not exist {given}; fix the link or pass the image file itself',
             ) from None
         raise FileNotFoundError(
@@ -239,6 +240,29 @@ def _read_error(img: Any, err: BaseException) -> ImageReadError:
     )
 
 
+def _refuse_unknown_voxels(img: Any, reason: str) -> None:
+    """Raise when the voxels a dirty image holds are in no file or array at hand.
+
+    A proxy re-opens its file by name at every access. When that name now leads to
+    another file than the one the image was tied to (a ``chdir`` with a relative name,
+    a replaced file, a re-pointed link), reading it would hand out the other file's
+    voxels as this image's. Unless the image holds its data in memory, refuse.
+    """
+    why = bound_source(img)
+    if why is None or any(
+        isinstance(getattr(img, name, None), np.ndarray)
+        for name in ('_fdata_cache', '_data_cache')
+    ):
+        return
+    raise ImageReadError(
+        errno.ESTALE,
+        f'cannot tell the voxels of this {type(img).__name__}: {why}, and the image holds '
+        f'no copy of its data in memory ({reason}). Load the image again from the file '
+        'it should hold (with an absolute path), or go back to the directory it was '
+        'loaded from',
+    )
+
+
 def _identities(files: tuple[str, ...]) -> dict:
     return {path: path_id(path) for path in files}
 
@@ -247,13 +271,14 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
     verdict = cleanliness(img)
     reason = verdict.reason
     if reason is None:
-        own = os.path.abspath(img.get_filename())
+        own = kernel_path(main_path(img))
         if _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
             if not verdict.still_holds():
                 raise _SourceChanged
             return Resolution(own, 'original')
         reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'
+    _refuse_unknown_voxels(img, reason)
     files = source_files(img)
     before = _identities(files)
     try:

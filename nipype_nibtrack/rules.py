@@ -13,7 +13,6 @@ identity.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any
@@ -26,21 +25,32 @@ from nibabel.fileholders import FileHolder
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
 from nibabel.minc1 import Minc1Image, MincImageArrayProxy
+from nibabel.nifti2 import Nifti2Header
+from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, all_settled, fd_id, path_id
 from .provenance import (
     Record,
+    binding_of,
     file_identities,
     file_paths,
     files_digest,
+    load_options_reason,
     record_of,
     source_files,
 )
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
-__all__ = ['Cleanliness', 'cleanliness', 'cleanliness_rule', 'dirty_reason', 'is_dirty']
+__all__ = [
+    'Cleanliness',
+    'cleanliness',
+    'cleanliness_rule',
+    'dirty_reason',
+    'header_key',
+    'is_dirty',
+]
 
 
 @dataclass(frozen=True)
@@ -86,28 +96,93 @@ def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> boo
     return (header_bytes(raw), extension_bytes(raw)) != (want.header, want.extensions)
 
 
-def reference(
-    klass: type, paths: dict[str, str], ids: dict[str, FileId | None], kwargs: dict
-) -> Reference:
-    """The memoised reference of ``klass`` loaded from ``paths`` with identities ``ids``."""
-    key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), repr(kwargs))
+@singledispatch
+def header_key(img: Any, paths: dict[str, str]) -> bytes | None:
+    """The bytes of the image's files that hold its header, read again at every check.
+
+    A header can be rewritten through a shared memory map without moving the file's
+    size, mtime or ctime, so no memo of what a header says is keyed by identity alone:
+    the small part of the files holding it is re-read each time and keys the memo.
+    None for formats whose header cannot be re-read cheaply (MINC: NetCDF or HDF5
+    metadata); for those the identity alone keys the memo (a documented limit).
+    """
+    return None
+
+
+@header_key.register
+def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
+    # the raw header and extensions, as a tool reads them (no repairs), and the .mat
+    klass = type(img)
+    header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
+    with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+        raw = klass.header_class.from_fileobj(fobj, check=False)
+    parts = [header_bytes(raw), extension_bytes(raw)]
+    mat = paths.get('mat')
+    if mat is not None:
+        parts.append(_whole_file(mat))
+    return b'\0'.join(parts)
+
+
+@header_key.register
+def _(img: MGHImage, paths: dict[str, str]) -> bytes:
+    path = paths['image']
+    if path.endswith(('.mgz', '.gz')):  # the footer would need the whole stream
+        with ImageOpener(path, 'rb') as fobj:
+            return fobj.read(img.header_class._hdrdtype.itemsize)
+    with open(path, 'rb') as fobj:
+        return header_bytes(img.header_class.from_fileobj(fobj))  # header and footer
+
+
+@header_key.register(PARRECImage)
+@header_key.register(AFNIImage)
+def _(img: Any, paths: dict[str, str]) -> bytes:
+    # PAR and HEAD files are small text files: all of them
+    return _whole_file(paths['header'])
+
+
+@header_key.register
+def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
+    with ImageOpener(paths['image'], 'rb') as fobj:
+        raw = Nifti2Header.from_fileobj(fobj, check=False)
+    return header_bytes(raw) + extension_bytes(raw)  # the CIFTI XML is an extension
+
+
+def _whole_file(path: str) -> bytes:
+    try:
+        with open(path, 'rb') as fobj:
+            return fobj.read()
+    except FileNotFoundError:
+        return b'missing'
+
+
+def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) -> Reference:
+    """What a default load of ``img``'s files makes of them now, memoised.
+
+    The memo is keyed by the files' identities and by :func:`header_key`, re-read at
+    every call. A reference is a *default* load: load options change what an image
+    holds, and a tool reading the path sees the default (:data:`LOAD_OPTIONS`).
+    """
+    klass = type(img)
+    head = header_key(img, paths)
+    key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), head)
     hit = _references.get(key)
     if hit is not None:
         return hit
-    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+    fresh = klass.from_file_map(_fresh_file_map(paths))
     try:
         snap = snapshot(fresh)
         repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
     finally:
         _release(fresh)
     ref = Reference(snap, repaired)
-    if file_identities(paths) == ids and all_settled(ids.values()):
+    unchanged = file_identities(paths) == ids and header_key(img, paths) == head
+    if unchanged and all_settled(ids.values()):
         _references.put(key, ref)  # unchanged while read, and no rewrite can hide in a tick
     return ref
 
 
-def _file_data_digest(klass: type, paths: dict[str, str], kwargs: dict) -> str:
-    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+def _file_data_digest(klass: type, paths: dict[str, str]) -> str:
+    fresh = klass.from_file_map(_fresh_file_map(paths))
     try:
         return data_digest(fresh.dataobj, None, 'F')
     finally:
@@ -137,13 +212,22 @@ def _(img: GiftiImage, record: Record | None) -> str | None:
 
 def _compare_against_file(img: Any, record: Record | None) -> str | None:
     """The rule shared by every format: compare with the file(s) as nibabel reads them."""
-    paths = file_paths(img)
-    if paths is None:
+    binding = binding_of(img)
+    if binding is None:
         return 'image has no file'
+    record = record_of(img)  # binding_of may have just made it
+    paths = binding.paths
     ids = file_identities(paths)
-    main = os.path.abspath(img.get_filename())
-    if ids.get(next((k for k, p in paths.items() if p == main), ''), None) is None:
-        return f'file {main} does not exist'
+    main_key = type(img).files_types[0][0]
+    if ids.get(main_key) is None:
+        return f'file {paths[main_key]} does not exist'
+    replaced = binding.replaced(ids)
+    if replaced is not None:
+        return f'{replaced} is no longer the file the image was loaded from (replaced or moved)'
+    if record is not None and record.baseline is None and record.kwargs:
+        reason = load_options_reason(record.kwargs)
+        if reason is not None:
+            return reason
     current = snapshot(img)
     if current.header is None:
         return f'no cleanliness rule for {type(img.header).__name__} headers'
@@ -170,9 +254,8 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
 def _compare_with_reference(
     img: Any, record: Record | None, current: Snapshot, paths: dict[str, str], ids: dict
 ) -> str | None:
-    kwargs = record.kwargs if record is not None else {}
     try:
-        ref = reference(type(img), paths, ids, kwargs)
+        ref = reference(img, paths, ids)
     except Exception as err:  # any failure to read the file means we cannot prove clean
         return f'file cannot be read by nibabel now ({type(err).__name__}: {err})'
     if ref.repaired:
@@ -187,7 +270,7 @@ def _compare_with_reference(
     if current.alias is not None:
         return f'data dtype alias {current.alias!r} is only resolved when the image is written'
     if current.proxy is None:
-        if data_digest(img.dataobj, None, 'F') != _file_data_digest(type(img), paths, kwargs):
+        if data_digest(img.dataobj, None, 'F') != _file_data_digest(type(img), paths):
             return "data is an in-memory array that differs from the file's data"
         return None
     if current.proxy.in_memory:
@@ -224,6 +307,10 @@ def _compare_with_baseline(img: Any, record: Record, current: Snapshot, ids: dic
         return 'affine changed since marked clean'
     if current.alias != base.alias:
         return 'data dtype alias changed since marked clean'
+    if (current.proxy is None) != (base.proxy is None) or (
+        current.proxy is not None and not current.proxy.same_source(base.proxy)
+    ):
+        return 'data object reads another file or other parameters since marked clean'
     if not record.holds_dataobj(img.dataobj):
         return 'data object replaced since marked clean'
     for name in ('_dataobj', '_fdata_cache', '_data_cache'):
