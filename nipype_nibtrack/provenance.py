@@ -8,6 +8,7 @@ note: the user declares what corresponds to the file.
 
 from __future__ import annotations
 
+import copyreg
 import os
 import threading
 import weakref
@@ -144,6 +145,8 @@ def _set_record(img: Any, record: Record) -> None:
 
     with _lock:
         _records[key] = (weakref.ref(img, forget), record)
+    if copyreg.dispatch_table.get(type(img)) is None:  # a class defined after import
+        _copies.register_image_class(type(img))
 
 
 def _weak(obj: Any) -> Any:
@@ -393,7 +396,9 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     Returns
     -------
     image
-        Exactly what :func:`nibabel.load` returns; no subclass, nothing patched.
+        Exactly what :func:`nibabel.load` returns for ``path`` joined with the working
+        directory (so ``get_filename()`` is absolute and the image keeps reading the
+        file it was opened from); no subclass, nothing patched.
 
     Examples
     --------
@@ -405,10 +410,10 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     >>> record_of(img).origin
     'load'
     """
-    given = absolute(path)
+    given = absolute(path)  # nibabel's proxies re-open by name: give them this one
     for _ in range(3):
         before = _inode(given)
-        img = nib.load(path, **kwargs)
+        img = nib.load(given, **kwargs)
         binding = binding_of(img)
         paths = binding.paths if binding is not None else {}
         opened = next((key for key, value in paths.items() if value == given), None)
@@ -540,3 +545,6 @@ def files_digest(paths: dict[str, str]) -> str:
 
 def _key_of(paths: dict[str, str], path: str) -> str | None:
     return next((key for key, value in paths.items() if value == path), None)
+
+
+from . import copies as _copies  # noqa: E402  (its reducers need this module's names)
