@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any
 
+import numpy as np
 from nibabel.analyze import AnalyzeImage
 from nibabel.brikhead import AFNIImage
 from nibabel.cifti2 import Cifti2Image
@@ -113,10 +114,15 @@ def header_key(img: Any, paths: dict[str, str]) -> bytes | None:
 def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
     # the raw header and extensions, as a tool reads them (no repairs), and the .mat
     klass = type(img)
-    header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
-    with header_holder.get_prepare_fileobj(mode='rb') as fobj:
-        raw = klass.header_class.from_fileobj(fobj, check=False)
-    parts = [header_bytes(raw), extension_bytes(raw)]
+    header_path = paths.get('header', paths['image'])
+    plain = _plain_header_region(header_path, header_path == paths['image'])
+    if plain is not None:
+        parts = [plain]
+    else:  # compressed: parse what the tool reads
+        header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
+        with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+            raw = klass.header_class.from_fileobj(fobj, check=False)
+        parts = [header_bytes(raw), extension_bytes(raw)]
     mat = paths.get('mat')
     if mat is not None:
         parts.append(_whole_file(mat))
@@ -145,6 +151,28 @@ def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
     with ImageOpener(paths['image'], 'rb') as fobj:
         raw = Nifti2Header.from_fileobj(fobj, check=False)
     return header_bytes(raw) + extension_bytes(raw)  # the CIFTI XML is an extension
+
+
+_NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place and type
+
+
+def _plain_header_region(path: str, single: bool) -> bytes | None:
+    """The raw bytes holding an uncompressed header (and, in a single file, its
+    extensions, up to the data offset); None for a compressed file."""
+    if path.endswith(('.gz', '.bz2', '.zst')):
+        return None
+    if not single:
+        return _whole_file(path)  # a .hdr holds the header and nothing else
+    with open(path, 'rb') as fobj:
+        head = fobj.read(544)
+        for order in '<>':
+            size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
+            if size in _NIFTI_SIZES and len(head) >= size:
+                where, kind = _NIFTI_SIZES[size]
+                offset = np.frombuffer(head[where:], order + kind, count=1)[0]
+                end = int(offset) if np.isfinite(offset) and 0 < offset < 1 << 24 else size
+                return head + fobj.read(max(0, end - len(head)))
+    return head + b'?'  # not a NIfTI single file: its first bytes, marked
 
 
 def _whole_file(path: str) -> bytes:
