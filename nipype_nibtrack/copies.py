@@ -152,7 +152,7 @@ def _reduce_image(img: Any) -> tuple:
     carried = None
     if record is not None:
         tied = record.holds_dataobj(getattr(img, 'dataobj', None))
-        carried = (replace(record, dataobj=None), tied)
+        carried = (replace(record, dataobj=None, verdict=None), tied)
     return _rebuild, (type(img), state, carried)
 
 

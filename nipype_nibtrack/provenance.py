@@ -110,6 +110,7 @@ class Record:
     origin: str = 'load'
     file_bytes: str | None = None
     binding: Binding | None = None
+    verdict: Any = None  # a recheck.Memo of the last clean verdict
 
     def holds_dataobj(self, dataobj: Any) -> bool:
         return self.dataobj is not None and self.dataobj() is dataobj

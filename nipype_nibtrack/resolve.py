@@ -131,6 +131,8 @@ def _check_image(img: Any) -> None:
             f'{img!r:.80}. Load files with nibabel.load or nipype_nibtrack.load'
         )
     dataobj = getattr(img, 'dataobj', None)
+    if isinstance(getattr(dataobj, 'file_like', None), str):
+        return  # reads a file by name
     spec = proxy_spec(dataobj) if dataobj is not None else None
     if spec is not None and spec.in_memory:
         raise ValueError(
@@ -271,10 +273,11 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
     verdict = cleanliness(img)
     reason = verdict.reason
     if reason is None:
-        own = kernel_path(main_path(img))
+        own = verdict.handed or kernel_path(main_path(img))
         if _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
-            if not verdict.still_holds():
+            # (a recheck has just opened each file: that is this check)
+            if not verdict.rechecked and not verdict.still_holds():
                 raise _SourceChanged
             return Resolution(own, 'original')
         reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'

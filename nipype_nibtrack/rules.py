@@ -31,7 +31,7 @@ from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
-from .fileid import FileId, all_settled, fd_id, path_id
+from .fileid import FileId, all_settled, fd_id, kernel_path, path_id
 from .provenance import (
     Record,
     binding_of,
@@ -42,6 +42,7 @@ from .provenance import (
     record_of,
     source_files,
 )
+from .recheck import Memo, image_key, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
 __all__ = [
@@ -383,6 +384,9 @@ class Cleanliness:
 
     reason: str | None
     ids: dict[str, FileId | None]
+    handed: str | None = None  # the path to hand out for a clean image, when known
+    #: reached by re-reading the files just now (recheck): no need to stat them again
+    rechecked: bool = False
 
     def still_holds(self) -> bool:
         """True when none of the files changed since the check: one ``stat`` per file.
@@ -431,8 +435,15 @@ def cleanliness(img: Any) -> Cleanliness:
             f'expected a nibabel image, got {type(img).__name__}; '
             'load files with nibabel.load or nipype_nibtrack.load'
         )
+    record = record_of(img)
+    simple = cleanliness_rule.dispatch(type(img)) is _compare_against_file
+    if simple and record is not None and not record.forced_dirty and record.verdict is not None:
+        ids = still_clean(img, record.verdict)
+        if ids is not None:  # nothing it rested on moved: a few system calls
+            return Cleanliness(None, dict(ids), record.verdict.handed, rechecked=True)
     files = source_files(img)
     for _ in range(3):
+        memo = _memo(img) if simple else None  # read before the check, compared after
         before = {path: path_id(path) for path in files}
         record = record_of(img)
         if record is not None and record.forced_dirty:
@@ -441,8 +452,21 @@ def cleanliness(img: Any) -> Cleanliness:
             reason = cleanliness_rule(img, record)
         after = {path: path_id(path) for path in files}
         if after == before:
+            keep = reason is None and memo is not None and record is not None
+            if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
+                record.verdict = memo
             return Cleanliness(reason, after)
     return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
+
+
+def _memo(img: Any) -> Memo | None:
+    if image_key(img) is None:
+        return None
+    binding = binding_of(img)
+    if binding is None:
+        return None
+    main = binding.paths.get(type(img).files_types[0][0])
+    return None if main is None else memo_for(img, binding.paths, kernel_path(main))
 
 
 def dirty_reason(img: Any) -> str | None:
