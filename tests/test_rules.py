@@ -1042,3 +1042,80 @@ def test_random_trust_sequences_hand_out_what_the_image_holds(
     finally:
         os.chdir(here)
     case.assert_unchanged()
+
+
+# ------------------------------------------------------------- rechecks of clean verdicts
+
+
+def _restore_times(path: Path, st: os.stat_result) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+RECHECKED = {
+    'nii': (nib.Nifti1Image, 'a.nii', 'a.nii', nib.Nifti1Header),
+    'nii.gz': (nib.Nifti1Image, 'a.nii.gz', 'a.nii.gz', nib.Nifti1Header),
+    'nifti2': (nib.Nifti2Image, 'a.nii', 'a.nii', nib.Nifti2Header),
+    'pair': (nib.Nifti1Pair, 'a.img', 'a.hdr', nib.nifti1.Nifti1PairHeader),
+    'spm2': (nib.Spm2AnalyzeImage, 'a.img', 'a.hdr', nib.spm2analyze.Spm2AnalyzeHeader),
+}
+
+
+@pytest.mark.parametrize('kind', RECHECKED)
+@pytest.mark.parametrize('fresh', [False, True], ids=['settled', 'fresh'])
+def test_a_remembered_clean_verdict_sees_header_rewrites(kind, fresh, tmp_path, store):
+    """Rewritten in place, timestamps put back: only the re-read header bytes tell."""
+    from nipype_nibtrack.provenance import record_of
+
+    klass, name, header_name, header_class = RECHECKED[kind]
+    path, header_file = tmp_path / name, tmp_path / header_name
+    nib.save(klass(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4)), path)
+    if not fresh:
+        for file in tmp_path.iterdir():
+            os.utime(file, (time.time() - 10,) * 2)
+        time.sleep(1.1)
+    img = nt.load(path)
+    assert nt.dirty_reason(img) is None
+    assert record_of(img).verdict is not None  # remembered: the next check is a recheck
+    assert nt.as_filename(img) == str(path)
+    st = os.stat(header_file)
+    field = 'descrip' if 'descrip' in header_class.template_dtype.names else 'db_name'
+    rewrite_in_place(header_file, header_patch(header_class, **{field: b'rewritten'}))
+    _restore_times(header_file, st)
+    assert nt.is_dirty(img)
+    assert nt.resolve(img).action == 'written'
+
+
+def _simple(tmp_path: Path) -> Any:
+    path = tmp_path / 'simple.nii'
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), path)
+    img = nt.load(path)
+    assert nt.dirty_reason(img) is None
+    return img
+
+
+def test_a_remembered_verdict_is_not_carried_to_copies(tmp_path):
+    from nipype_nibtrack.provenance import record_of
+
+    img = _simple(tmp_path)
+    assert record_of(img).verdict is not None
+    assert record_of(copy.deepcopy(img)).verdict is None
+
+
+@pytest.mark.parametrize(
+    'edit',
+    [
+        lambda img: setattr(img.dataobj, '_offset', img.dataobj._offset + 4),
+        lambda img: img.affine.__setitem__((0, 3), img.affine[0, 3] + 1e-12),
+        lambda img: img.header.__setitem__('descrip', b'x'),
+        lambda img: img.set_data_dtype('compat'),
+        lambda img: img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'n')),
+        lambda img: img.get_fdata().__setitem__((0, 0, 0), 1),
+        lambda img: img.set_filename(str(img.get_filename()) + '.other.nii'),
+        lambda img: nt.mark_dirty(img),
+    ],
+    ids=['proxy', 'affine', 'header', 'alias', 'extension', 'cache', 'filename', 'mark_dirty'],
+)
+def test_a_remembered_verdict_sees_image_edits(edit, tmp_path):
+    img = _simple(tmp_path)
+    edit(img)
+    assert nt.is_dirty(img)
