@@ -179,8 +179,10 @@ def image_label(img: Any) -> str:
     >>> image_label(a) != image_label(b), image_label(a).startswith('image_')
     (True, True)
     """
-    if cleanliness(img).reason is None:
-        return kernel_path(main_path(img))
+    verdict = cleanliness(img)
+    if verdict.reason is None:
+        return verdict.handed or kernel_path(main_path(img))
+    _refuse_unknown_voxels(img, verdict.reason)  # never a label from another file's data
     return f'{_stem(img)}_{image_digest(img)[:16]}'
 
 

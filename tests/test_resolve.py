@@ -356,3 +356,16 @@ def test_annexed_file_keeps_the_name_the_user_gave(as_path, tmp_path, store):
     os.symlink(os.path.relpath(key, link.parent), link)
     out = nt.as_filename(str(link) if as_path else nt.load(link))
     assert out == str(link)
+
+
+def test_label_of_a_plain_relative_image_after_chdir_refuses(tmp_path, monkeypatch):
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nib.load('anat.nii')
+    img.header['descrip'] = b'edited'
+    label = nt.image_label(img)
+    monkeypatch.chdir(second)
+    with pytest.raises(nt.ImageReadError, match='tied to'):
+        nt.image_label(img)  # a digest of second/anat.nii would name other content
+    monkeypatch.chdir(first)
+    assert nt.image_label(img) == label
