@@ -278,6 +278,8 @@ def bound_source(img: Any) -> str | None:
         return None  # it reads the file it holds open (keep_file_open=True)
     if inode is None:
         return f'{path} did not exist when the image was first seen'
+    if here is None:
+        return f'{now} no longer exists (deleted or moved since the image was loaded)'
     if now != path:
         return f'its data are read from {now}, but the image was tied to {path}'
     return f'{path} is no longer the file the image was tied to'

@@ -278,8 +278,7 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
         own = verdict.handed or kernel_path(main_path(img))
         if _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
-            # (a recheck has just opened each file: that is this check)
-            if not verdict.rechecked and not verdict.still_holds():
+            if not verdict.still_holds():
                 raise _SourceChanged
             return Resolution(own, 'original')
         reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'

@@ -176,6 +176,16 @@ def _plain_header_region(path: str, single: bool) -> bytes | None:
     return head + b'?'  # not a NIfTI single file: its first bytes, marked
 
 
+def _key_decides(img: Any, paths: dict[str, str]) -> bool:
+    """True when :func:`header_key` holds every byte a reference is made of.
+
+    Not so for a ``.mgz`` (its footer is not re-read) or a format without a key.
+    """
+    if isinstance(img, MGHImage):
+        return not paths['image'].endswith(('.mgz', '.gz'))
+    return isinstance(img, (AnalyzeImage, PARRECImage, AFNIImage, Cifti2Image))
+
+
 def _whole_file(path: str) -> bytes:
     try:
         with open(path, 'rb') as fobj:
@@ -205,8 +215,11 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
         _release(fresh)
     ref = Reference(snap, repaired)
     unchanged = file_identities(paths) == ids and header_key(img, paths) == head
-    if unchanged and all_settled(ids.values()):
-        _references.put(key, ref)  # unchanged while read, and no rewrite can hide in a tick
+    decided = head is not None and _key_decides(img, paths)
+    if unchanged and (decided or all_settled(ids.values())):
+        # unchanged while read; and either the header bytes decide the reference, or
+        # the identities have settled (no same-size rewrite can hide in a clock tick)
+        _references.put(key, ref)
     return ref
 
 
@@ -385,8 +398,6 @@ class Cleanliness:
     reason: str | None
     ids: dict[str, FileId | None]
     handed: str | None = None  # the path to hand out for a clean image, when known
-    #: reached by re-reading the files just now (recheck): no need to stat them again
-    rechecked: bool = False
 
     def still_holds(self) -> bool:
         """True when none of the files changed since the check: one ``stat`` per file.
@@ -440,7 +451,7 @@ def cleanliness(img: Any) -> Cleanliness:
     if simple and record is not None and not record.forced_dirty and record.verdict is not None:
         ids = still_clean(img, record.verdict)
         if ids is not None:  # nothing it rested on moved: a few system calls
-            return Cleanliness(None, dict(ids), record.verdict.handed, rechecked=True)
+            return Cleanliness(None, dict(ids), record.verdict.handed)
     files = source_files(img)
     for _ in range(3):
         memo = _memo(img) if simple else None  # read before the check, compared after
