@@ -36,6 +36,7 @@ __all__ = ['Memo', 'image_key', 'memo_for', 'still_clean']
 _GZIP = ('.gz',)
 _NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place, type
 _MAX_REGION = 1 << 24
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
 
 
 @dataclass(frozen=True)
@@ -137,7 +138,7 @@ def _region(path: str, key: str, img: Any) -> int | None:
 def _read(path: str, length: int) -> tuple[Any, bytes]:
     """Identity of the file opened at ``path`` (None: missing) and its first bytes."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0))
+        fd = os.open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return None, b''
     except OSError:
@@ -177,4 +178,4 @@ def still_clean(img: Any, memo: Memo) -> dict[str, FileId] | None:
     for path, ident, length, data in memo.files:
         if _read(path, length) != (ident, data):
             return None
-    return memo.ids
+    return dict(memo.ids)  # the caller's own
