@@ -952,9 +952,23 @@ def test_afni_attribute_float_edit_is_seen(tmp_path):
 class _TrustRun(_Run):
     """Adds what a hostile user does around an image: chdir, overrides, threads, copies."""
 
-    def __init__(self, case: FormatCase, img: Any, origin: Path, away: Path):
+    def __init__(self, case: FormatCase, img: Any, origin: Path, away: Path, link: Path | None):
         super().__init__(case, img)
         self.origin, self.away, self.forced = origin, away, False
+        self.link, self.repointed = link, False
+
+    def repoint_link(self, k: int) -> None:
+        # the loaded path went through this link: now it leads to no such file
+        if self.link is not None:
+            os.remove(self.link)
+            os.symlink(self.away, self.link)
+            self.repointed = True
+
+    def restore_link(self, k: int) -> None:
+        if self.link is not None:
+            os.remove(self.link)
+            os.symlink(self.origin, self.link)
+            self.repointed = False
 
     def chdir_away(self, k: int) -> None:
         os.chdir(self.away)
@@ -979,6 +993,8 @@ class _TrustRun(_Run):
         worker.join()
 
     def any_copy(self, k: int) -> None:
+        if self.repointed:
+            return  # held files are re-opened by path: refused, tested elsewhere
         how = (copy.copy, copy.deepcopy, lambda i: pickle.loads(pickle.dumps(i)))[k % 3]
         self.img = how(self.img)
 
@@ -1001,10 +1017,11 @@ CONTENT_KWARGS = {'parrec': [{'scaling': 'fp'}, {'strict_sort': True}]}
     plain=st.booleans(),
     relative=st.booleans(),
     kwargs_index=st.integers(0, 4),
+    via_link=st.booleans(),
     ops=st.lists(st.tuples(st.sampled_from(TRUST_OPS), st.integers(0, 5)), max_size=7),
 )
 def test_random_trust_sequences_hand_out_what_the_image_holds(
-    built_cases, tmp_path_factory, fmt, plain, relative, kwargs_index, ops
+    built_cases, tmp_path_factory, fmt, plain, relative, kwargs_index, via_link, ops
 ):
     case = built_cases[fmt]
     choices = NEUTRAL_KWARGS + ([] if plain else CONTENT_KWARGS.get(case.family, []))
@@ -1014,16 +1031,26 @@ def test_random_trust_sequences_hand_out_what_the_image_holds(
     here = os.getcwd()
     origin = case.path.parent
     away = tmp_path_factory.mktemp('away')
+    link = None
+    if via_link:  # links/link/../<origin>/<file>: the kernel's file, not the text's
+        relative = False
+        link = tmp_path_factory.mktemp('links') / 'link'
+        os.symlink(origin, link)
     try:
         os.chdir(origin)
-        name = case.path.name if relative else case.path
+        if via_link:
+            name = os.path.join(link, '..', origin.name, case.path.name)
+        else:
+            name = case.path.name if relative else case.path
         img = (nib.load if plain else nt.load)(name, **kwargs)
-        run = _TrustRun(case, img, origin, away)
+        run = _TrustRun(case, img, origin, away, link)
         run.changed = bool(kwargs) and any(k in ('scaling', 'strict_sort') for k in kwargs)
         nt.is_dirty(run.img)  # the package sees it here first
         for step, (op, k) in enumerate(ops):
             if op in READS_DATA and plain and relative and os.getcwd() != str(origin):
                 continue  # nibabel itself cannot read a relative name from elsewhere
+            if op in READS_DATA and run.repointed:
+                continue  # nor a name whose link leads nowhere now
             getattr(run, op)(k)
             if run.changed or run.forced:
                 assert nt.is_dirty(run.img), f'false clean after {ops[: step + 1]}'
@@ -1032,12 +1059,14 @@ def test_random_trust_sequences_hand_out_what_the_image_holds(
             res = nt.resolve(run.img, store=store)
         except nt.ImageReadError:
             # only when the image's data object reads another file by name than its own
-            assert os.getcwd() == str(away) and relative and plain
+            assert (os.getcwd() == str(away) and relative and plain) or run.repointed
             os.chdir(origin)
+            run.restore_link(0)
             res = nt.resolve(run.img, store=store)
         if res.action == 'original':
             assert not (run.changed or run.forced)
         os.chdir(origin)  # read what the image holds where its proxy reads its file
+        run.restore_link(0)
         assert_same_content(reload_exact(res.path), run.img)
     finally:
         os.chdir(here)
