@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import os
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -409,3 +410,47 @@ def test_a_front_end_reducer_override_wins(tmp_path):
     ByReference(buffer).dump(img)
     assert len(buffer.getvalue()) < 500
     assert nt.as_filename(pickle.loads(buffer.getvalue())) == str(case.path)
+
+
+TRIED_VALUES = {
+    'mmap': [False, 'r', 'c'],
+    'keep_file_open': [True, False],
+    'buffer_size': [1000],
+    'scaling': ['fp'],
+    'strict_sort': [True],
+    'permit_truncated': [True],
+}
+
+
+def _keyword_cases():
+    from nipype_nibtrack.provenance import LOAD_OPTIONS
+
+    for fmt in FORMATS:
+        klass = BUILDER_CLASSES[fmt]
+        for name in sorted(_keywords(klass)):
+            for value in TRIED_VALUES[name]:
+                changes = LOAD_OPTIONS[name].changes_content
+                yield pytest.param(fmt, name, value, changes, id=f'{fmt}-{name}={value!r}')
+
+
+def _builder_classes() -> dict[str, type]:
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return {fmt: build_format(fmt, Path(tmp) / fmt).klass for fmt in FORMATS}
+
+
+BUILDER_CLASSES = _builder_classes()
+
+
+@pytest.mark.parametrize(('fmt', 'name', 'value', 'changes'), list(_keyword_cases()))
+def test_every_keyword_of_every_format(fmt, name, value, changes, tmp_path, store):
+    """Neutral keywords leave the verdict of a default load; the others make it dirty."""
+    case = build_format(fmt, tmp_path)
+    default = nt.dirty_reason(nt.load(case.path))
+    img = nt.load(case.path, **{name: value})
+    reason = nt.dirty_reason(img)
+    if changes:
+        assert reason is not None and f'{name}=' in reason
+    else:
+        assert reason == default
