@@ -7,6 +7,7 @@ workflows live beside the package, not in it.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from .store import RECENT_SECONDS, StoreError, get_store
@@ -20,6 +21,48 @@ def _size(n: int) -> str:
             return f'{n:.0f} {unit}' if unit == 'B' else f'{n:.1f} {unit}'
         n /= 1024
     return str(n)
+
+
+def _days(text: str) -> float:
+    """A number of days: finite and not negative.
+
+    >>> _days('1.5')
+    1.5
+    >>> _days('-3')
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a number of days >= 0, such as 7 or 0.5, got '-3'
+    """
+    try:
+        days = float(text)
+    except ValueError:
+        days = math.nan
+    if not math.isfinite(days) or days < 0:
+        raise argparse.ArgumentTypeError(
+            f'expected a number of days >= 0, such as 7 or 0.5, got {text!r}'
+        )
+    return days
+
+
+def _byte_count(text: str) -> int:
+    """A whole number of bytes, not negative.
+
+    >>> _byte_count('1000')
+    1000
+    >>> _byte_count('1e9')
+    Traceback (most recent call last):
+    ...
+    argparse.ArgumentTypeError: expected a whole number of bytes >= 0, such as 1000000, got '1e9'
+    """
+    try:
+        count = int(text.strip(), 10)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(
+            f'expected a whole number of bytes >= 0, such as 1000000, got {text!r}'
+        )
+    return count
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -63,8 +106,10 @@ def build_parser() -> argparse.ArgumentParser:
             'never deleted, so gc may run while workflows do.'
         ),
     )
-    gc.add_argument('--older-than', type=float, metavar='DAYS', help='unused for DAYS days')
-    gc.add_argument('--max-bytes', type=int, metavar='N', help='shrink the store to N bytes')
+    gc.add_argument('--older-than', type=_days, metavar='DAYS', help='unused for DAYS days')
+    gc.add_argument(
+        '--max-bytes', type=_byte_count, metavar='N', help='shrink the store to N bytes'
+    )
     gc.set_defaults(func=_gc)
     return parser
 

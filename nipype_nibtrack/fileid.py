@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ['RACY_NS', 'FileId', 'all_settled', 'fd_id', 'path_id']
+__all__ = ['RACY_NS', 'FileId', 'absolute', 'all_settled', 'fd_id', 'kernel_path', 'path_id']
 
 #: How old both timestamps must be before an identity may key a memo (1 s)
 RACY_NS = 1_000_000_000
@@ -89,3 +89,43 @@ def all_settled(ids: Iterable[FileId | None]) -> bool:
     """
     now = time.time_ns()
     return all(ident is None or ident.settled(now) for ident in ids)
+
+
+def absolute(path: str | os.PathLike) -> str:
+    """``path`` joined with the current directory, with no textual normalisation.
+
+    ``os.path.abspath`` folds ``a/link/..`` into ``a``, but the kernel follows ``link``
+    first: with ``link -> b/c`` the file is ``b/..``, another one. Joining keeps every
+    component for the kernel to walk.
+
+    >>> absolute('/data/link/../x.nii')
+    '/data/link/../x.nii'
+    >>> absolute('x.nii') == os.path.join(os.getcwd(), 'x.nii')
+    True
+    """
+    path = os.fsdecode(os.fspath(path))
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def kernel_path(path: str) -> str:
+    """An absolute path naming the file the kernel opens for ``path``, with no ``..``
+    left for a reader to fold as text; the file name is kept as given.
+
+    The directory part is resolved by the kernel (``os.path.realpath``) only when it
+    holds a ``..`` component; the file name itself is never resolved, so a symbolic
+    link (a git-annex or DataLad file) keeps its name, from which tools derive theirs.
+
+    >>> import tempfile
+    >>> root = os.path.realpath(tempfile.mkdtemp())
+    >>> os.makedirs(os.path.join(root, 'b', 'c'))
+    >>> os.symlink(os.path.join(root, 'b', 'c'), os.path.join(root, 'link'))
+    >>> kernel_path(os.path.join(root, 'link', '..', 'x.nii')) == os.path.join(root, 'b', 'x.nii')
+    True
+    >>> kernel_path('/data/sub-01_T1w.nii.gz')
+    '/data/sub-01_T1w.nii.gz'
+    """
+    path = absolute(path)
+    head, name = os.path.split(path)
+    if '..' not in head.split(os.sep) or name in ('', '.', '..'):
+        return path
+    return os.path.join(os.path.realpath(head), name)

@@ -8,6 +8,7 @@ note: the user declares what corresponds to the file.
 
 from __future__ import annotations
 
+import copyreg
 import os
 import threading
 import weakref
@@ -19,19 +20,70 @@ import numpy as np
 import xxhash
 from nibabel.filebasedimages import FileBasedImage
 
-from .fileid import FileId, all_settled, path_id
-from .snapshot import Snapshot, snapshot
+from .fileid import FileId, absolute, all_settled, fd_id, path_id
+from .snapshot import Snapshot, proxy_spec, snapshot
 
 __all__ = [
+    'LOAD_OPTIONS',
+    'Binding',
+    'LoadOption',
     'Record',
+    'bound_source',
     'file_identities',
     'file_paths',
     'load',
+    'load_options_reason',
     'mark_clean',
     'mark_dirty',
     'record_of',
     'source_files',
 ]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """The files an image was tied to when the package first saw its file names.
+
+    ``names`` are the file map's names as given (perhaps relative), ``paths`` the
+    absolute paths they named then (joined with that working directory, never folded
+    as text) and ``inodes`` the ``(device, inode)`` found there (None: no file). A
+    later ``chdir`` cannot move the image to another file: the paths stay, and a path
+    that now leads to another inode makes the image dirty. ``source`` is the same for
+    the file the data object reads by name: ``(name, path, (device, inode))``.
+    """
+
+    names: dict[str, str]
+    paths: dict[str, str]
+    inodes: dict[str, tuple[int, int] | None]
+    source: tuple[str, str, tuple[int, int] | None] | None = None
+
+    @classmethod
+    def of(cls, names: dict[str, str], source_name: str | None) -> Binding:
+        paths = {key: absolute(name) for key, name in names.items()}
+        inodes = {key: _inode(path) for key, path in paths.items()}
+        source = None
+        if source_name is not None:
+            path = absolute(source_name)
+            source = (source_name, path, _inode(path))
+        return cls(names, paths, inodes, source)
+
+    def with_source(self, source_name: str) -> Binding:
+        """The same files, with a data object that reads ``source_name`` bound now."""
+        path = absolute(source_name)
+        return Binding(self.names, self.paths, self.inodes, (source_name, path, _inode(path)))
+
+    def replaced(self, ids: dict[str, FileId | None]) -> str | None:
+        """The first bound path that now names another file than when bound, if any."""
+        for key, inode in self.inodes.items():
+            now = ids.get(key)
+            if inode is not None and (now is None or (now.dev, now.ino) != inode):
+                return self.paths[key]
+        return None
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    ident = path_id(path)
+    return None if ident is None else (ident.dev, ident.ino)
 
 
 @dataclass
@@ -44,6 +96,9 @@ class Record:
     ``caches``, the digests of its filled data caches at that moment, and
     ``file_bytes``, a digest of the files' bytes when their identities had not settled
     (a same-size rewrite within one clock tick would leave them unchanged).
+    ``binding`` ties the image to the files it was loaded from (:class:`Binding`);
+    ``origin`` says how the record came: ``'load'``, ``'mark_clean'``, ``'mark_dirty'``
+    or ``'seen'`` (an image from plain nibabel, bound when the package first saw it).
     """
 
     kwargs: dict = field(default_factory=dict)
@@ -54,6 +109,8 @@ class Record:
     forced_dirty: bool = False
     origin: str = 'load'
     file_bytes: str | None = None
+    binding: Binding | None = None
+    verdict: Any = None  # a recheck.Memo of the last clean verdict
 
     def holds_dataobj(self, dataobj: Any) -> bool:
         return self.dataobj is not None and self.dataobj() is dataobj
@@ -89,6 +146,8 @@ def _set_record(img: Any, record: Record) -> None:
 
     with _lock:
         _records[key] = (weakref.ref(img, forget), record)
+    if copyreg.dispatch_table.get(type(img)) is None:  # a class defined after import
+        _copies.register_image_class(type(img))
 
 
 def _weak(obj: Any) -> Any:
@@ -98,11 +157,68 @@ def _weak(obj: Any) -> Any:
         return None
 
 
+def _file_names(img: Any) -> dict[str, str] | None:
+    names = {}
+    for key, holder in img.file_map.items():
+        if holder.fileobj is not None or holder.filename is None:
+            return None
+        names[key] = os.fsdecode(os.fspath(holder.filename))
+    return names or None
+
+
+def _source_name(img: Any) -> str | None:
+    """The name the data object opens on each access, when it reads by name."""
+    file_like = getattr(getattr(img, 'dataobj', None), 'file_like', None)  # GIFTI: none
+    if isinstance(file_like, (str, os.PathLike)):
+        return os.fsdecode(os.fspath(file_like))
+    return None
+
+
+def binding_of(img: Any) -> Binding | None:
+    """The files ``img`` is tied to, binding them now if the package never saw them.
+
+    None when the image has no file (in memory, or a file object such as ``BytesIO``).
+
+    Examples
+    --------
+    >>> import os, shutil, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> folder = tempfile.mkdtemp()
+    >>> _ = shutil.copy(os.path.join(data_path, 'anatomical.nii'), folder)
+    >>> here = os.getcwd()
+    >>> os.chdir(folder)
+    >>> img = nib.load('anatomical.nii')  # a relative name
+    >>> bound = binding_of(img)
+    >>> os.chdir(here)
+    >>> binding_of(img).paths == bound.paths == {'image': os.path.join(folder, 'anatomical.nii')}
+    True
+    """
+    names = _file_names(img)
+    if names is None:
+        return None
+    record = record_of(img)
+    binding = record.binding if record is not None else None
+    source = _source_name(img)
+    if binding is None or binding.names != names:
+        binding = Binding.of(names, source)
+    elif source is not None and (binding.source is None or binding.source[0] != source):
+        binding = binding.with_source(source)
+    else:
+        return binding
+    if record is None:
+        record = Record(origin='seen')
+        _set_record(img, record)
+    record.binding = binding
+    return binding
+
+
 def file_paths(img: Any) -> dict[str, str] | None:
     """Absolute paths of every file in the image's file map, or None if it has none.
 
-    An image whose file map points at a file object (``BytesIO``, after ``to_bytes``)
-    or lacks a name has no file a tool could read.
+    Relative names are joined with the working directory of the moment the package
+    first saw them (:func:`binding_of`), not today's. An image whose file map points at
+    a file object (``BytesIO``, after ``to_bytes``) or lacks a name has no file a tool
+    could read.
 
     Examples
     --------
@@ -110,19 +226,71 @@ def file_paths(img: Any) -> dict[str, str] | None:
     >>> file_paths(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None
     True
     """
-    paths = {}
-    for key, holder in img.file_map.items():
-        if holder.fileobj is not None or holder.filename is None:
-            return None
-        paths[key] = os.path.abspath(holder.filename)
-    return paths or None
+    binding = binding_of(img)
+    return None if binding is None else binding.paths
+
+
+def main_path(img: Any) -> str | None:
+    """The bound absolute path of the image's own file (``get_filename()``), or None.
+
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> main_path(nib.load(os.path.join(data_path, 'anatomical.nii'))).endswith('anatomical.nii')
+    True
+    """
+    paths = file_paths(img)
+    if paths is None:
+        return None
+    return paths.get(type(img).files_types[0][0])
+
+
+def _held_inode(dataobj: Any) -> tuple[int, int] | None:
+    spec = proxy_spec(dataobj)
+    if spec is None or spec.fd is None:
+        return None
+    try:
+        ident = fd_id(spec.fd)
+    except OSError:
+        return None
+    return ident.dev, ident.ino
+
+
+def bound_source(img: Any) -> str | None:
+    """Why the data object of a dirty ``img`` cannot be trusted to read its own voxels.
+
+    A data object that opens its file by name on each access (nibabel's proxies) reads
+    whatever that name leads to now: after a ``chdir``, a replacement or a re-pointed
+    symbolic link, another file. The image's voxels were in the file it was tied to;
+    the other file's are not the image's. None when the name still leads to that file,
+    or when the data object holds the file open or is an array.
+    """
+    binding = binding_of(img)
+    source = _source_name(img)
+    if binding is None or binding.source is None or source is None:
+        return None
+    _, path, inode = binding.source
+    now = absolute(source)
+    here = _inode(now)
+    if inode is not None and here == inode:
+        return None
+    held = _held_inode(img.dataobj)
+    if held is not None and held == inode:
+        return None  # it reads the file it holds open (keep_file_open=True)
+    if inode is None:
+        return f'{path} did not exist when the image was first seen'
+    if here is None:
+        return f'{now} no longer exists (deleted or moved since the image was loaded)'
+    if now != path:
+        return f'its data are read from {now}, but the image was tied to {path}'
+    return f'{path} is no longer the file the image was tied to'
 
 
 def source_files(img: Any) -> tuple[str, ...]:
     """Absolute paths of every file an image's content depends on.
 
-    The files of its file map and the file its data object reads, which differ after
-    ``set_filename``. Empty for an image held in memory only.
+    The files of its file map (as bound, :func:`binding_of`) and the file its data
+    object reads now, which differ after ``set_filename`` (or after a ``chdir`` when
+    the data object reads a relative name). Empty for an image held in memory only.
 
     Examples
     --------
@@ -140,8 +308,8 @@ def source_files(img: Any) -> tuple[str, ...]:
     # what the proxy reads: a file name, or a file object with one (PAR/REC, held files)
     file_like = getattr(getattr(img, 'dataobj', None), 'file_like', None)  # GIFTI: none
     name = file_like if isinstance(file_like, str) else getattr(file_like, 'name', None)
-    if isinstance(name, str):
-        files[os.path.abspath(name)] = None
+    if isinstance(name, (str, os.PathLike)):
+        files[absolute(name)] = None  # where it reads now, cwd included
     return tuple(files)
 
 
@@ -155,8 +323,72 @@ def file_identities(paths: dict[str, str]) -> dict[str, FileId | None]:
     return {key: path_id(path) for key, path in paths.items()}
 
 
+@dataclass(frozen=True)
+class LoadOption:
+    """What one keyword of nibabel's loaders does to what an image holds.
+
+    ``changes_content`` says whether a value other than ``default`` makes the image
+    hold something else than a default load of its file, which is what a tool reading
+    the path sees; ``why`` says what it does.
+    """
+
+    default: Any
+    changes_content: bool
+    why: str
+
+
+#: Every keyword of every image class's ``from_filename``/``from_file_map`` (nibabel 5.4).
+#: A keyword missing here makes the image dirty: its effect is unknown.
+LOAD_OPTIONS: dict[str, LoadOption] = {
+    'mmap': LoadOption(True, False, 'how voxels are read (memory map or read), not which'),
+    'keep_file_open': LoadOption(
+        None, False, 'when the file is opened; a held file is checked against the path'
+    ),
+    'buffer_size': LoadOption(35000000, False, "GIFTI: the XML parser's read size"),
+    'scaling': LoadOption('dv', True, "PAR/REC: floating-point ('fp') or displayed values"),
+    'strict_sort': LoadOption(False, True, 'PAR/REC: the order of the volumes'),
+    'permit_truncated': LoadOption(
+        False, True, 'PAR/REC: loads a truncated .REC that a default load refuses'
+    ),
+}
+
+
+def _is_default(value: Any, default: Any) -> bool:
+    return type(value) is type(default) and value == default
+
+
+def load_options_reason(kwargs: dict[str, Any]) -> str | None:
+    """Why load keywords make an image differ from a default load of its file, or None.
+
+    Examples
+    --------
+    >>> load_options_reason({'mmap': False, 'scaling': 'dv'}) is None
+    True
+    >>> print(load_options_reason({'scaling': 'fp'}))
+    loaded with scaling='fp' (PAR/REC: ...); a tool reading the file sees a default load
+    (scaling='dv')
+    >>> load_options_reason({'lazy': True})
+    'loaded with lazy=True, a keyword whose effect on the image is unknown'
+    """
+    for name, value in sorted(kwargs.items()):
+        option = LOAD_OPTIONS.get(name)
+        if option is None:
+            return f'loaded with {name}={value!r}, a keyword whose effect on the image is unknown'
+        if option.changes_content and not _is_default(value, option.default):
+            return (
+                f'loaded with {name}={value!r} ({option.why}); a tool reading the file '
+                f'sees a default load ({name}={option.default!r})'
+            )
+    return None
+
+
 def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load an image with :func:`nibabel.load` and keep its provenance.
+
+    The record ties the image to the files opened: their absolute paths, joined with
+    the working directory of this moment (so a later ``chdir`` changes nothing), and
+    their ``(device, inode)``; and the load keywords (:data:`LOAD_OPTIONS`): one that
+    makes the image differ from a default load of its file makes it dirty.
 
     Parameters
     ----------
@@ -167,7 +399,9 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     Returns
     -------
     image
-        Exactly what :func:`nibabel.load` returns; no subclass, nothing patched.
+        Exactly what :func:`nibabel.load` returns for ``path`` joined with the working
+        directory (so ``get_filename()`` is absolute and the image keeps reading the
+        file it was opened from); no subclass, nothing patched.
 
     Examples
     --------
@@ -179,15 +413,24 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     >>> record_of(img).origin
     'load'
     """
-    img = nib.load(path, **kwargs)
-    paths = file_paths(img) or {}
+    given = absolute(path)  # nibabel's proxies re-open by name: give them this one
+    for _ in range(3):
+        before = _inode(given)
+        img = nib.load(given, **kwargs)
+        binding = binding_of(img)
+        paths = binding.paths if binding is not None else {}
+        opened = next((key for key, value in paths.items() if value == given), None)
+        if opened is None or binding.inodes[opened] == before:
+            break  # else the file was replaced while it was opened: load it again
+    neutral = {name for name, option in LOAD_OPTIONS.items() if not option.changes_content}
     _set_record(
         img,
         Record(
-            kwargs={k: v for k, v in kwargs.items() if k not in ('mmap', 'keep_file_open')},
+            kwargs={k: v for k, v in kwargs.items() if k not in neutral},
             ids=file_identities(paths),
             # GIFTI images have no dataobj
             dataobj=_weak(getattr(img, 'dataobj', None)),
+            binding=binding,
         ),
     )
     return img
@@ -235,9 +478,12 @@ def mark_clean(img: Any) -> None:
             'Save it with nibabel.save first, or let as_filename write it to the store.'
         )
     ids = file_identities(paths)
-    main = os.path.abspath(img.get_filename())
+    main = main_path(img)
     if ids.get(_key_of(paths, main)) is None:
         raise ValueError(f'cannot mark this {type(img).__name__} clean: {main} does not exist.')
+    # the user declares the files now at the bound paths to be the image's: bind anew
+    inodes = {key: None if i is None else (i.dev, i.ino) for key, i in ids.items()}
+    source = Binding.of({}, _source_name(img)).source
     from .digest import array_digest
 
     caches = {
@@ -256,6 +502,7 @@ def mark_clean(img: Any) -> None:
             caches=caches,
             origin='mark_clean',
             file_bytes=None if all_settled(ids.values()) else files_digest(paths),
+            binding=Binding(_file_names(img) or {}, paths, inodes, source),
         ),
     )
 
@@ -301,3 +548,6 @@ def files_digest(paths: dict[str, str]) -> str:
 
 def _key_of(paths: dict[str, str], path: str) -> str | None:
     return next((key for key, value in paths.items() if value == path), None)
+
+
+from . import copies as _copies  # noqa: E402  (its reducers need this module's names)

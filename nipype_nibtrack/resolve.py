@@ -12,14 +12,15 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import numpy as np
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
 from .digest import image_digest
 from .export import Target, choose_target, export_image
-from .fileid import all_settled, path_id
-from .provenance import source_files
+from .fileid import all_settled, kernel_path, path_id
+from .provenance import bound_source, main_path, source_files
 from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import Store, get_store
@@ -130,6 +131,8 @@ def _check_image(img: Any) -> None:
             f'{img!r:.80}. Load files with nibabel.load or nipype_nibtrack.load'
         )
     dataobj = getattr(img, 'dataobj', None)
+    if isinstance(getattr(dataobj, 'file_like', None), str):
+        return  # reads a file by name
     spec = proxy_spec(dataobj) if dataobj is not None else None
     if spec is not None and spec.in_memory:
         raise ValueError(
@@ -176,8 +179,10 @@ def image_label(img: Any) -> str:
     >>> image_label(a) != image_label(b), image_label(a).startswith('image_')
     (True, True)
     """
-    if cleanliness(img).reason is None:
-        return os.path.abspath(img.get_filename())
+    verdict = cleanliness(img)
+    if verdict.reason is None:
+        return verdict.handed or kernel_path(main_path(img))
+    _refuse_unknown_voxels(img, verdict.reason)  # never a label from another file's data
     return f'{_stem(img)}_{image_digest(img)[:16]}'
 
 
@@ -195,7 +200,7 @@ def _existing_file(value: str | os.PathLike) -> str:
         raise ValueError('an empty string is not a file name; pass an existing file or an image')
     if '\0' in raw:
         raise ValueError(f'{raw!r} contains a NUL character and cannot name a file')
-    path = os.path.abspath(raw)
+    path = kernel_path(raw)  # never folded as text: the kernel follows the links
     given = f'(given {raw!r})'
     try:
         st = os.stat(path)
@@ -204,7 +209,7 @@ def _existing_file(value: str | os.PathLike) -> str:
             target = os.path.join(os.path.dirname(path), os.readlink(path))
             raise FileNotFoundError(
                 errno.ENOENT,
-                f'{path} is a broken symbolic link: its target {os.path.normpath(target)} '
+                f'{path} is a broken symbolic link: its target {target} '
                 f'does not exist {given}; fix the link or pass the image file itself',
             ) from None
         raise FileNotFoundError(
@@ -239,6 +244,29 @@ def _read_error(img: Any, err: BaseException) -> ImageReadError:
     )
 
 
+def _refuse_unknown_voxels(img: Any, reason: str) -> None:
+    """Raise when the voxels a dirty image holds are in no file or array at hand.
+
+    A proxy re-opens its file by name at every access. When that name now leads to
+    another file than the one the image was tied to (a ``chdir`` with a relative name,
+    a replaced file, a re-pointed link), reading it would hand out the other file's
+    voxels as this image's. Unless the image holds its data in memory, refuse.
+    """
+    why = bound_source(img)
+    if why is None or any(
+        isinstance(getattr(img, name, None), np.ndarray)
+        for name in ('_fdata_cache', '_data_cache')
+    ):
+        return
+    raise ImageReadError(
+        errno.ESTALE,
+        f'cannot tell the voxels of this {type(img).__name__}: {why}, and the image holds '
+        f'no copy of its data in memory ({reason}). Load the image again from the file '
+        'it should hold (with an absolute path), or go back to the directory it was '
+        'loaded from',
+    )
+
+
 def _identities(files: tuple[str, ...]) -> dict:
     return {path: path_id(path) for path in files}
 
@@ -247,13 +275,14 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
     verdict = cleanliness(img)
     reason = verdict.reason
     if reason is None:
-        own = os.path.abspath(img.get_filename())
+        own = verdict.handed or kernel_path(main_path(img))
         if _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
             if not verdict.still_holds():
                 raise _SourceChanged
             return Resolution(own, 'original')
         reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'
+    _refuse_unknown_voxels(img, reason)
     files = source_files(img)
     before = _identities(files)
     try:

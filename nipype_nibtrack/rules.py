@@ -13,11 +13,11 @@ identity.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import singledispatch
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 from nibabel.analyze import AnalyzeImage
 from nibabel.brikhead import AFNIImage
 from nibabel.cifti2 import Cifti2Image
@@ -26,21 +26,33 @@ from nibabel.fileholders import FileHolder
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
 from nibabel.minc1 import Minc1Image, MincImageArrayProxy
+from nibabel.nifti2 import Nifti2Header
+from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
-from .fileid import FileId, all_settled, fd_id, path_id
+from .fileid import FileId, all_settled, fd_id, kernel_path, path_id
 from .provenance import (
     Record,
+    binding_of,
     file_identities,
     file_paths,
     files_digest,
+    load_options_reason,
     record_of,
     source_files,
 )
+from .recheck import Memo, image_key, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
-__all__ = ['Cleanliness', 'cleanliness', 'cleanliness_rule', 'dirty_reason', 'is_dirty']
+__all__ = [
+    'Cleanliness',
+    'cleanliness',
+    'cleanliness_rule',
+    'dirty_reason',
+    'header_key',
+    'is_dirty',
+]
 
 
 @dataclass(frozen=True)
@@ -86,28 +98,133 @@ def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> boo
     return (header_bytes(raw), extension_bytes(raw)) != (want.header, want.extensions)
 
 
-def reference(
-    klass: type, paths: dict[str, str], ids: dict[str, FileId | None], kwargs: dict
-) -> Reference:
-    """The memoised reference of ``klass`` loaded from ``paths`` with identities ``ids``."""
-    key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), repr(kwargs))
+@singledispatch
+def header_key(img: Any, paths: dict[str, str]) -> bytes | None:
+    """The bytes of the image's files that hold its header, read again at every check.
+
+    A header can be rewritten through a shared memory map without moving the file's
+    size, mtime or ctime, so no memo of what a header says is keyed by identity alone:
+    the small part of the files holding it is re-read each time and keys the memo.
+    None for formats whose header cannot be re-read cheaply (MINC: NetCDF or HDF5
+    metadata); for those the identity alone keys the memo (a documented limit).
+    """
+    return None
+
+
+@header_key.register
+def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
+    # the raw header and extensions, as a tool reads them (no repairs), and the .mat
+    klass = type(img)
+    header_path = paths.get('header', paths['image'])
+    plain = _plain_header_region(header_path, header_path == paths['image'])
+    if plain is not None:
+        parts = [plain]
+    else:  # compressed: parse what the tool reads
+        header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
+        with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+            raw = klass.header_class.from_fileobj(fobj, check=False)
+        parts = [header_bytes(raw), extension_bytes(raw)]
+    mat = paths.get('mat')
+    if mat is not None:
+        parts.append(_whole_file(mat))
+    return b'\0'.join(parts)
+
+
+@header_key.register
+def _(img: MGHImage, paths: dict[str, str]) -> bytes:
+    path = paths['image']
+    if path.endswith(('.mgz', '.gz')):  # the footer would need the whole stream
+        with ImageOpener(path, 'rb') as fobj:
+            return fobj.read(img.header_class._hdrdtype.itemsize)
+    with open(path, 'rb') as fobj:
+        return header_bytes(img.header_class.from_fileobj(fobj))  # header and footer
+
+
+@header_key.register(PARRECImage)
+@header_key.register(AFNIImage)
+def _(img: Any, paths: dict[str, str]) -> bytes:
+    # PAR and HEAD files are small text files: all of them
+    return _whole_file(paths['header'])
+
+
+@header_key.register
+def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
+    with ImageOpener(paths['image'], 'rb') as fobj:
+        raw = Nifti2Header.from_fileobj(fobj, check=False)
+    return header_bytes(raw) + extension_bytes(raw)  # the CIFTI XML is an extension
+
+
+_NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place and type
+
+
+def _plain_header_region(path: str, single: bool) -> bytes | None:
+    """The raw bytes holding an uncompressed header (and, in a single file, its
+    extensions, up to the data offset); None for a compressed file."""
+    if path.endswith(('.gz', '.bz2', '.zst')):
+        return None
+    if not single:
+        return _whole_file(path)  # a .hdr holds the header and nothing else
+    with open(path, 'rb') as fobj:
+        head = fobj.read(544)
+        for order in '<>':
+            size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
+            if size in _NIFTI_SIZES and len(head) >= size:
+                where, kind = _NIFTI_SIZES[size]
+                offset = np.frombuffer(head[where:], order + kind, count=1)[0]
+                end = int(offset) if np.isfinite(offset) and 0 < offset < 1 << 24 else size
+                return head + fobj.read(max(0, end - len(head)))
+    return head + b'?'  # not a NIfTI single file: its first bytes, marked
+
+
+def _key_decides(img: Any, paths: dict[str, str]) -> bool:
+    """True when :func:`header_key` holds every byte a reference is made of.
+
+    Not so for a ``.mgz`` (its footer is not re-read) or a format without a key.
+    """
+    if isinstance(img, MGHImage):
+        return not paths['image'].endswith(('.mgz', '.gz'))
+    return isinstance(img, (AnalyzeImage, PARRECImage, AFNIImage, Cifti2Image))
+
+
+def _whole_file(path: str) -> bytes:
+    try:
+        with open(path, 'rb') as fobj:
+            return fobj.read()
+    except FileNotFoundError:
+        return b'missing'
+
+
+def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) -> Reference:
+    """What a default load of ``img``'s files makes of them now, memoised.
+
+    The memo is keyed by the files' identities and by :func:`header_key`, re-read at
+    every call. A reference is a *default* load: load options change what an image
+    holds, and a tool reading the path sees the default (:data:`LOAD_OPTIONS`).
+    """
+    klass = type(img)
+    head = header_key(img, paths)
+    key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), head)
     hit = _references.get(key)
     if hit is not None:
         return hit
-    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+    fresh = klass.from_file_map(_fresh_file_map(paths))
     try:
         snap = snapshot(fresh)
         repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
     finally:
         _release(fresh)
     ref = Reference(snap, repaired)
-    if file_identities(paths) == ids and all_settled(ids.values()):
-        _references.put(key, ref)  # unchanged while read, and no rewrite can hide in a tick
+    unchanged = file_identities(paths) == ids and header_key(img, paths) == head
+    decided = head is not None and _key_decides(img, paths)
+    if unchanged and (decided or all_settled(ids.values())):
+        # unchanged while read; and either the header bytes decide the reference, or
+        # the identities have settled (no same-size rewrite can hide in a clock tick)
+        _references.put(key, ref)
     return ref
 
 
-def _file_data_digest(klass: type, paths: dict[str, str], kwargs: dict) -> str:
-    fresh = klass.from_file_map(_fresh_file_map(paths), **kwargs)
+def _file_data_digest(klass: type, paths: dict[str, str]) -> str:
+    fresh = klass.from_file_map(_fresh_file_map(paths))
     try:
         return data_digest(fresh.dataobj, None, 'F')
     finally:
@@ -137,13 +254,22 @@ def _(img: GiftiImage, record: Record | None) -> str | None:
 
 def _compare_against_file(img: Any, record: Record | None) -> str | None:
     """The rule shared by every format: compare with the file(s) as nibabel reads them."""
-    paths = file_paths(img)
-    if paths is None:
+    binding = binding_of(img)
+    if binding is None:
         return 'image has no file'
+    record = record_of(img)  # binding_of may have just made it
+    paths = binding.paths
     ids = file_identities(paths)
-    main = os.path.abspath(img.get_filename())
-    if ids.get(next((k for k, p in paths.items() if p == main), ''), None) is None:
-        return f'file {main} does not exist'
+    main_key = type(img).files_types[0][0]
+    if ids.get(main_key) is None:
+        return f'file {paths[main_key]} does not exist'
+    replaced = binding.replaced(ids)
+    if replaced is not None:
+        return f'{replaced} is no longer the file the image was loaded from (replaced or moved)'
+    if record is not None and record.baseline is None and record.kwargs:
+        reason = load_options_reason(record.kwargs)
+        if reason is not None:
+            return reason
     current = snapshot(img)
     if current.header is None:
         return f'no cleanliness rule for {type(img.header).__name__} headers'
@@ -170,9 +296,8 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
 def _compare_with_reference(
     img: Any, record: Record | None, current: Snapshot, paths: dict[str, str], ids: dict
 ) -> str | None:
-    kwargs = record.kwargs if record is not None else {}
     try:
-        ref = reference(type(img), paths, ids, kwargs)
+        ref = reference(img, paths, ids)
     except Exception as err:  # any failure to read the file means we cannot prove clean
         return f'file cannot be read by nibabel now ({type(err).__name__}: {err})'
     if ref.repaired:
@@ -187,7 +312,7 @@ def _compare_with_reference(
     if current.alias is not None:
         return f'data dtype alias {current.alias!r} is only resolved when the image is written'
     if current.proxy is None:
-        if data_digest(img.dataobj, None, 'F') != _file_data_digest(type(img), paths, kwargs):
+        if data_digest(img.dataobj, None, 'F') != _file_data_digest(type(img), paths):
             return "data is an in-memory array that differs from the file's data"
         return None
     if current.proxy.in_memory:
@@ -224,6 +349,10 @@ def _compare_with_baseline(img: Any, record: Record, current: Snapshot, ids: dic
         return 'affine changed since marked clean'
     if current.alias != base.alias:
         return 'data dtype alias changed since marked clean'
+    if (current.proxy is None) != (base.proxy is None) or (
+        current.proxy is not None and not current.proxy.same_source(base.proxy)
+    ):
+        return 'data object reads another file or other parameters since marked clean'
     if not record.holds_dataobj(img.dataobj):
         return 'data object replaced since marked clean'
     for name in ('_dataobj', '_fdata_cache', '_data_cache'):
@@ -258,8 +387,7 @@ for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti
     cleanliness_rule.register(_klass, _compare_against_file)
 
 
-@dataclass(frozen=True)
-class Cleanliness:
+class Cleanliness(NamedTuple):  # a tuple: built in a fraction of a frozen dataclass's time
     """A cleanliness verdict and the identities of the files it was reached with.
 
     ``reason`` is None when clean; ``ids`` maps every file the image depends on
@@ -268,6 +396,7 @@ class Cleanliness:
 
     reason: str | None
     ids: dict[str, FileId | None]
+    handed: str | None = None  # the path to hand out for a clean image, when known
 
     def still_holds(self) -> bool:
         """True when none of the files changed since the check: one ``stat`` per file.
@@ -284,7 +413,7 @@ class Cleanliness:
         >>> verdict.still_holds()
         False
         """
-        return {path: path_id(path) for path in self.ids} == self.ids
+        return all(path_id(path) == ident for path, ident in self.ids.items())
 
 
 def cleanliness(img: Any) -> Cleanliness:
@@ -316,8 +445,15 @@ def cleanliness(img: Any) -> Cleanliness:
             f'expected a nibabel image, got {type(img).__name__}; '
             'load files with nibabel.load or nipype_nibtrack.load'
         )
+    record = record_of(img)
+    simple = cleanliness_rule.dispatch(type(img)) is _compare_against_file
+    if simple and record is not None and not record.forced_dirty and record.verdict is not None:
+        ids = still_clean(img, record.verdict)
+        if ids is not None:  # nothing it rested on moved: a few system calls
+            return Cleanliness(None, ids, record.verdict.handed)
     files = source_files(img)
     for _ in range(3):
+        memo = _memo(img) if simple else None  # read before the check, compared after
         before = {path: path_id(path) for path in files}
         record = record_of(img)
         if record is not None and record.forced_dirty:
@@ -326,8 +462,21 @@ def cleanliness(img: Any) -> Cleanliness:
             reason = cleanliness_rule(img, record)
         after = {path: path_id(path) for path in files}
         if after == before:
+            keep = reason is None and memo is not None and record is not None
+            if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
+                record.verdict = memo
             return Cleanliness(reason, after)
     return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
+
+
+def _memo(img: Any) -> Memo | None:
+    if image_key(img) is None:
+        return None
+    binding = binding_of(img)
+    if binding is None:
+        return None
+    main = binding.paths.get(type(img).files_types[0][0])
+    return None if main is None else memo_for(img, binding.paths, kernel_path(main))
 
 
 def dirty_reason(img: Any) -> str | None:

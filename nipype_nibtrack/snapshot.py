@@ -19,11 +19,13 @@ import numpy as np
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.cifti2 import Cifti2Header
 from nibabel.minc1 import MincImageArrayProxy
-from nibabel.parrec import PARRECArrayProxy, PARRECHeader
+from nibabel.parrec import PARRECArrayProxy
 from nibabel.spatialimages import SpatialHeader
 from nibabel.wrapstruct import WrapStruct
 
-__all__ = ['ProxySpec', 'Snapshot', 'header_bytes', 'proxy_spec', 'snapshot']
+from .fileid import absolute
+
+__all__ = ['ProxySpec', 'Snapshot', 'exact_bytes', 'header_bytes', 'proxy_spec', 'snapshot']
 
 
 @dataclass(frozen=True)
@@ -81,27 +83,110 @@ def _(header: WrapStruct) -> bytes:
 
 
 @header_bytes.register
-def _(header: SpatialHeader) -> bytes:
-    return repr(
-        (
-            type(header).__name__,
-            header.get_data_dtype().str,
-            tuple(int(n) for n in header.get_data_shape()),
-            tuple(float(z) for z in header.get_zooms()),
-            getattr(header, 'info', None),  # AFNIHeader
-        )
-    ).encode()
-
-
-@header_bytes.register
-def _(header: PARRECHeader) -> bytes:
-    base = header_bytes.dispatch(SpatialHeader)(header)
-    return base + repr(sorted(header.general_info.items())).encode() + header.image_defs.tobytes()
+def _(header: SpatialHeader) -> bytes | None:
+    # every attribute (PAR/REC general_info and sort flags, AFNI attributes, zooms...)
+    # by exact value: never through repr/str, which print options and rounding fool
+    try:
+        return exact_bytes((type(header).__qualname__, vars(header)))
+    except TypeError:  # an attribute of a type with no exact form: no rule
+        return None
 
 
 @header_bytes.register
 def _(header: Cifti2Header) -> bytes:
     return header.to_xml()
+
+
+@singledispatch
+def exact_bytes(value: Any) -> bytes:
+    """An exact, unambiguous serialisation of a plain value; TypeError for other types.
+
+    Floats by their IEEE bytes, arrays by dtype, shape and bytes, containers by their
+    type and items (dicts sorted by key): equal bytes mean equal values, whatever
+    numpy's print options.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> exact_bytes(0.1) == exact_bytes(0.1 + 1e-18), exact_bytes(0.1) == exact_bytes(0.1 + 1e-16)
+    (True, False)
+    >>> exact_bytes(np.arange(3.0)) == exact_bytes(np.arange(3.0).astype('f4'))
+    False
+    >>> exact_bytes(object())
+    Traceback (most recent call last):
+    ...
+    TypeError: no exact serialisation for object values
+    """
+    raise TypeError(f'no exact serialisation for {type(value).__name__} values')
+
+
+def _tagged(tag: bytes, payload: bytes) -> bytes:
+    return tag + len(payload).to_bytes(8, 'little') + payload
+
+
+@exact_bytes.register(type(None))
+def _(value: None) -> bytes:
+    return _tagged(b'N', b'')
+
+
+@exact_bytes.register(bool)
+@exact_bytes.register(np.bool_)
+def _(value: Any) -> bytes:
+    return _tagged(b'?', b'1' if value else b'0')
+
+
+@exact_bytes.register(int)
+def _(value: int) -> bytes:
+    return _tagged(b'i', str(value).encode())
+
+
+@exact_bytes.register(float)
+def _(value: float) -> bytes:
+    return _tagged(b'f', np.float64(value).tobytes())
+
+
+@exact_bytes.register(complex)
+def _(value: complex) -> bytes:
+    return _tagged(b'c', np.complex128(value).tobytes())
+
+
+@exact_bytes.register(str)
+def _(value: str) -> bytes:
+    return _tagged(b's', value.encode('utf-8', 'surrogatepass'))
+
+
+@exact_bytes.register(bytes)
+def _(value: bytes) -> bytes:
+    return _tagged(b'b', value)
+
+
+@exact_bytes.register(np.dtype)
+def _(value: np.dtype) -> bytes:
+    # descr spells fields, byte order and sizes; only strings and ints inside
+    return _tagged(b'd', exact_bytes(value.descr if value.fields else value.str))
+
+
+@exact_bytes.register(np.ndarray)
+@exact_bytes.register(np.generic)
+def _(value: Any) -> bytes:
+    arr = np.asarray(value)
+    if arr.dtype.hasobject:
+        return _tagged(b'O', exact_bytes(arr.tolist()))
+    head = exact_bytes(arr.dtype) + exact_bytes(tuple(int(n) for n in arr.shape))
+    return _tagged(b'a', head + np.ascontiguousarray(arr).tobytes())
+
+
+@exact_bytes.register(list)
+@exact_bytes.register(tuple)
+def _(value: Any) -> bytes:
+    tag = b'l' if isinstance(value, list) else b't'
+    return _tagged(tag, b''.join(exact_bytes(item) for item in value))
+
+
+@exact_bytes.register(dict)
+def _(value: dict) -> bytes:
+    items = sorted((exact_bytes(k), exact_bytes(v)) for k, v in value.items())
+    return _tagged(b'm', b''.join(k + v for k, v in items))
 
 
 def extension_bytes(header: Any) -> bytes:
@@ -135,12 +220,12 @@ def _fileno(obj: Any) -> int | None:
 def _source(file_like: Any) -> tuple[str | None, int | None, bool]:
     """(absolute path, held descriptor, in-memory) of what a proxy reads."""
     if isinstance(file_like, (str, os.PathLike)):
-        return os.path.abspath(file_like), None, False
+        return absolute(file_like), None, False  # where it reads now: cwd included
     fd = _fileno(file_like)
     name = getattr(file_like, 'name', None)
     if fd is None:
         return None, None, True
-    return (os.path.abspath(name) if isinstance(name, str) else None), fd, False
+    return (absolute(name) if isinstance(name, str) else None), fd, False
 
 
 @singledispatch
@@ -192,7 +277,7 @@ def _(dataobj: MincImageArrayProxy) -> ProxySpec:
     handle = dataobj.minc_file._mincfile
     try:  # MINC2: an h5py file held open for the life of the image
         fd = handle.id.get_vfd_handle()
-        path = os.path.abspath(handle.filename)
+        path = absolute(handle.filename)
     except AttributeError:  # MINC1: a netcdf memory map, no descriptor to check
         fd, path = None, None
     params = (tuple(dataobj.shape), dataobj.minc_file.get_data_dtype().str)

@@ -96,3 +96,39 @@ def test_bad_usage_in_process(args, capsys):
         main(args)
     assert exit_info.value.code == 2
     assert 'usage: nibtrack' in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ('option', 'value', 'expected'),
+    [
+        ('--older-than', '-3', 'number of days >= 0'),
+        ('--older-than', 'nan', 'number of days >= 0'),
+        ('--older-than', 'inf', 'number of days >= 0'),
+        ('--older-than', 'week', 'number of days >= 0'),
+        ('--max-bytes', '-1', 'whole number of bytes >= 0'),
+        ('--max-bytes', '1.5', 'whole number of bytes >= 0'),
+        ('--max-bytes', '1e9', 'whole number of bytes >= 0'),
+        ('--max-bytes', 'lots', 'whole number of bytes >= 0'),
+    ],
+)
+def test_gc_refuses_nonsense_and_deletes_nothing(filled, capsys, option, value, expected):
+    before = filled.info()
+    with pytest.raises(SystemExit) as exit_:
+        main(['store', 'gc', option, value])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert option in err and expected in err and repr(value) in err
+    assert filled.info() == before
+
+
+def test_gc_refuses_a_negative_age_from_the_command_line(filled):
+    out = run(filled.root, 'store', 'gc', '--older-than', '-3')
+    assert out.returncode == 2
+    assert 'expected a number of days >= 0' in out.stderr
+    assert filled.info().entries == 3
+
+
+def test_gc_accepts_zero(filled):
+    out = run(filled.root, 'store', 'gc', '--max-bytes', '0', '--older-than', '0')
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith('removed 2 entries')  # the one used today is kept

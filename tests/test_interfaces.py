@@ -305,8 +305,8 @@ def test_gifti_goes_to_a_surface_tool_as_gii():
 
 def test_relative_file_name_becomes_absolute(monkeypatch):
     monkeypatch.chdir(os.path.dirname(nf.ANAT))
-    img = nt.load('anatomical.nii')
-    assert img.get_filename() == 'anatomical.nii'
+    img = nt.load('anatomical.nii')  # opened, and so named, by its cwd-joined path
+    assert img.get_filename() == os.path.join(os.getcwd(), 'anatomical.nii')
     cmd = FLIRT(in_file=img, reference=nf.ANAT).cmdline
     assert cmd.startswith(f'flirt -in {nf.ANAT} ')
 

@@ -242,3 +242,130 @@ def test_explicit_store_argument_is_used(tmp_path, store):
     path = nt.as_filename(img, store=other)
     assert Path(path).is_relative_to(other.root)
     assert store_files(store) == []
+
+
+# ------------------------------------------------------- what ties an image to its file
+
+
+def _twin_files(tmp_path: Path) -> tuple[Path, Path]:
+    """Two folders, each with an ``anat.nii`` of different content."""
+    first, second = tmp_path / 'first', tmp_path / 'second'
+    for folder, value in ((first, 1), (second, 99)):
+        folder.mkdir()
+        nib.save(
+            nib.Nifti1Image(np.full((4, 4, 4), value, np.int16), np.eye(4)), folder / 'anat.nii'
+        )
+    return first, second
+
+
+def test_relative_name_then_chdir_hands_out_the_file_opened(tmp_path, monkeypatch, store):
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nt.load('anat.nii')
+    monkeypatch.chdir(second)
+    assert nt.as_filename(img) == str(first / 'anat.nii')
+    assert np.all(img.get_fdata() == 1)  # nibabel too reads the file opened
+    assert store_files(store) == []
+
+
+def test_plain_relative_image_after_chdir_is_never_the_other_file(tmp_path, monkeypatch, store):
+    """nibabel's proxy re-opens the relative name: after a chdir it reads another file."""
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nib.load('anat.nii')
+    assert nt.as_filename(img) == str(first / 'anat.nii')  # seen here: bound now
+    monkeypatch.chdir(second)
+    assert nt.is_dirty(img)
+    with pytest.raises(nt.ImageReadError, match='tied to'):
+        nt.as_filename(img)
+    monkeypatch.chdir(first)  # back where it reads its own file again
+    assert nt.as_filename(img) == str(first / 'anat.nii')
+
+
+def test_relative_name_then_chdir_dirty_image_refuses_the_other_file(tmp_path, monkeypatch, store):
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nib.load('anat.nii')
+    img.header['descrip'] = b'edited'
+    assert nt.is_dirty(img)  # seen, and bound, here
+    monkeypatch.chdir(second)
+    # the proxy would read second/anat.nii (99s): never hand those out as this image's
+    with pytest.raises(nt.ImageReadError, match='tied to'):
+        nt.as_filename(img)
+    assert store_files(store) == []
+
+
+def test_relative_name_then_chdir_with_data_in_memory_writes_the_memory(
+    tmp_path, monkeypatch, store
+):
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nib.load('anat.nii')
+    nt.is_dirty(img)
+    img.get_fdata()
+    img.header['descrip'] = b'edited'
+    monkeypatch.chdir(second)
+    out = nib.load(nt.as_filename(img))
+    assert np.all(out.get_fdata() == 1)
+
+
+def test_replaced_file_is_another_file(tmp_path, store):
+    first, second = _twin_files(tmp_path)
+    img = nt.load(first / 'anat.nii')
+    os.replace(second / 'anat.nii', first / 'anat.nii')  # same header, other voxels
+    assert 'no longer the file' in nt.dirty_reason(img)
+    with pytest.raises(nt.ImageReadError, match='no longer the file'):
+        nt.as_filename(img)
+
+
+def _dotdot_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """``a/link -> b/c``: ``a/link/../anat.nii`` is ``b/anat.nii`` for the kernel."""
+    (tmp_path / 'a').mkdir()
+    (tmp_path / 'b' / 'c').mkdir(parents=True)
+    os.symlink(tmp_path / 'b' / 'c', tmp_path / 'a' / 'link')
+    for folder, value in ((tmp_path / 'a', 1), (tmp_path / 'b', 7)):
+        nib.save(
+            nib.Nifti1Image(np.full((3, 3, 3), value, np.int16), np.eye(4)), folder / 'anat.nii'
+        )
+    return tmp_path / 'a' / 'link' / '..' / 'anat.nii', tmp_path / 'b' / 'anat.nii'
+
+
+@pytest.mark.parametrize('plain', [False, True])
+def test_dotdot_after_a_symlinked_directory_is_the_kernels_file(plain, tmp_path, store):
+    given, real = _dotdot_tree(tmp_path)
+    img = load_format(given, plain=plain)
+    assert np.all(img.get_fdata() == 7)
+    out = nt.as_filename(img)
+    assert os.path.samefile(out, real)
+    assert np.all(nib.load(out).get_fdata() == 7)
+    assert '..' not in out.split(os.sep)  # no '..' left for a reader to fold as text
+
+
+def test_dotdot_path_string_resolves_to_the_kernels_file(tmp_path):
+    given, real = _dotdot_tree(tmp_path)
+    assert nt.as_filename(str(given)) == str(real)
+
+
+@pytest.mark.parametrize('as_path', [False, True])
+def test_annexed_file_keeps_the_name_the_user_gave(as_path, tmp_path, store):
+    key = tmp_path / '.git' / 'annex' / 'objects' / 'Xy' / 'MD5E-s123--abc.nii.gz'
+    key.parent.mkdir(parents=True)
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), np.float32), np.eye(4)), key)
+    link = tmp_path / 'sub-01' / 'anat' / 'sub-01_T1w.nii.gz'
+    link.parent.mkdir(parents=True)
+    os.symlink(os.path.relpath(key, link.parent), link)
+    out = nt.as_filename(str(link) if as_path else nt.load(link))
+    assert out == str(link)
+
+
+def test_label_of_a_plain_relative_image_after_chdir_refuses(tmp_path, monkeypatch):
+    first, second = _twin_files(tmp_path)
+    monkeypatch.chdir(first)
+    img = nib.load('anat.nii')
+    img.header['descrip'] = b'edited'
+    label = nt.image_label(img)
+    monkeypatch.chdir(second)
+    with pytest.raises(nt.ImageReadError, match='tied to'):
+        nt.image_label(img)  # a digest of second/anat.nii would name other content
+    monkeypatch.chdir(first)
+    assert nt.image_label(img) == label

@@ -13,6 +13,8 @@ import copy
 import os
 import pickle
 import shutil
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -888,3 +890,261 @@ def test_file_nibabel_repairs_on_load_is_dirty(fields, tmp_path, store):
     out = reload_exact(nt.as_filename(img))
     assert_same_content(out, img)
     assert nt.dirty_reason(nt.load(nt.as_filename(img))) is None
+
+
+# ----------------------------------------------------------- headers re-read, exact values
+
+
+def test_header_rewritten_through_a_shared_memory_map_is_seen(tmp_path, store):
+    """A second write through a held r+ map moves neither size, mtime nor ctime."""
+    path = tmp_path / 'mapped.nii'
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4), np.float32), np.eye(4)), path)
+    mapped = np.memmap(path, mode='r+')
+    descrip = 148  # offset of descrip in a NIfTI-1 header
+    mapped[descrip] = ord('A')  # first write: the page becomes dirty, mtime moves once
+    old = time.time() - 10
+    os.utime(path, (old, old))
+    time.sleep(1.1)  # settled: the reference may now be memoised
+    img = nt.load(path)
+    assert nt.as_filename(img) == str(path)
+    before = os.stat(path)
+    mapped[descrip] = ord('B')  # second write through the same dirty page
+    after = os.stat(path)
+    if (before.st_mtime_ns, before.st_ctime_ns) != (after.st_mtime_ns, after.st_ctime_ns):
+        pytest.skip('this file system moved the timestamps: the memo cannot be fooled here')
+    assert nt.dirty_reason(img) == "header differs from the file's"
+    out = nt.as_filename(img)
+    assert nib.load(out).header['descrip'].tobytes().startswith(b'A')
+    del mapped
+
+
+def test_parrec_info_edits_below_print_precision_are_seen(tmp_path):
+    case = build_format('parrec', tmp_path)
+    img = nt.load(case.path)
+    old = np.get_printoptions()
+    try:
+        np.set_printoptions(precision=2)
+        img.header.general_info['angulation'] = img.header.general_info['angulation'] + 1e-9
+        assert nt.dirty_reason(img) == "header differs from the file's"
+    finally:
+        np.set_printoptions(**old)
+
+
+@pytest.mark.parametrize('fmt', ['afni', 'minc1', 'minc2', 'parrec'])
+def test_zoom_edits_of_1e_12_are_seen(fmt, tmp_path):
+    case = build_format(fmt, tmp_path)
+    img = nt.load(case.path)
+    zooms = img.header.get_zooms()
+    img.header._zooms = (zooms[0] + 1e-12, *zooms[1:])  # SpatialHeader keeps them here
+    assert nt.is_dirty(img)
+
+
+def test_afni_attribute_float_edit_is_seen(tmp_path):
+    case = build_format('afni', tmp_path)
+    img = nt.load(case.path)
+    img.header.info['BRICK_FLOAT_FACS'] = [f + 1e-300 for f in img.header.info['BRICK_FLOAT_FACS']]
+    assert nt.is_dirty(img)
+
+
+# ------------------------------------------------------------------ trust: random sequences
+
+
+class _TrustRun(_Run):
+    """Adds what a hostile user does around an image: chdir, overrides, threads, copies."""
+
+    def __init__(self, case: FormatCase, img: Any, origin: Path, away: Path, link: Path | None):
+        super().__init__(case, img)
+        self.origin, self.away, self.forced = origin, away, False
+        self.link, self.repointed = link, False
+
+    def repoint_link(self, k: int) -> None:
+        # the loaded path went through this link: now it leads to no such file
+        if self.link is not None:
+            os.remove(self.link)
+            os.symlink(self.away, self.link)
+            self.repointed = True
+
+    def restore_link(self, k: int) -> None:
+        if self.link is not None:
+            os.remove(self.link)
+            os.symlink(self.origin, self.link)
+            self.repointed = False
+
+    def chdir_away(self, k: int) -> None:
+        os.chdir(self.away)
+
+    def chdir_back(self, k: int) -> None:
+        os.chdir(self.origin)
+
+    def force_dirty(self, k: int) -> None:
+        nt.mark_dirty(self.img)
+        self.forced = True
+
+    def truthful_mark_clean(self, k: int) -> None:
+        # the user's word is trusted: only declare clean what is clean
+        if not self.changed and os.getcwd() == str(self.origin):
+            nt.mark_clean(self.img)
+            self.forced = False
+
+    def thread_edit(self, k: int) -> None:
+        worker = threading.Thread(target=self.affine_up, args=(k,))
+        worker.start()
+        nt.is_dirty(self.img)  # checked while the other thread may be editing
+        worker.join()
+
+    def any_copy(self, k: int) -> None:
+        if self.repointed:
+            return  # held files are re-opened by path: refused, tested elsewhere
+        how = (copy.copy, copy.deepcopy, lambda i: pickle.loads(pickle.dumps(i)))[k % 3]
+        self.img = how(self.img)
+
+
+TRUST_OPS = [name for name in vars(_TrustRun) if not name.startswith('_')] + [
+    op for op in OPS if op != 'copy'
+]
+READS_DATA = {'voxel_up', 'voxel_nan', 'replace_data', 'fdata', 'same_voxel'}
+NEUTRAL_KWARGS = [{}, {'mmap': False}, {'keep_file_open': True}]
+CONTENT_KWARGS = {'parrec': [{'scaling': 'fp'}, {'strict_sort': True}]}
+
+
+@settings(
+    deadline=None,
+    max_examples=60,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
+@given(
+    fmt=st.sampled_from(HYPO_FORMATS),
+    plain=st.booleans(),
+    relative=st.booleans(),
+    kwargs_index=st.integers(0, 4),
+    via_link=st.booleans(),
+    ops=st.lists(st.tuples(st.sampled_from(TRUST_OPS), st.integers(0, 5)), max_size=7),
+)
+def test_random_trust_sequences_hand_out_what_the_image_holds(
+    built_cases, tmp_path_factory, fmt, plain, relative, kwargs_index, via_link, ops
+):
+    case = built_cases[fmt]
+    choices = NEUTRAL_KWARGS + ([] if plain else CONTENT_KWARGS.get(case.family, []))
+    kwargs = choices[kwargs_index % len(choices)]
+    if case.family == 'parrec':
+        kwargs = {k: v for k, v in kwargs.items() if k != 'keep_file_open'}
+    here = os.getcwd()
+    origin = case.path.parent
+    away = tmp_path_factory.mktemp('away')
+    link = None
+    if via_link:  # links/link/../<origin>/<file>: the kernel's file, not the text's
+        relative = False
+        link = tmp_path_factory.mktemp('links') / 'link'
+        os.symlink(origin, link)
+    try:
+        os.chdir(origin)
+        if via_link:
+            name = os.path.join(link, '..', origin.name, case.path.name)
+        else:
+            name = case.path.name if relative else case.path
+        img = (nib.load if plain else nt.load)(name, **kwargs)
+        run = _TrustRun(case, img, origin, away, link)
+        run.changed = bool(kwargs) and any(k in ('scaling', 'strict_sort') for k in kwargs)
+        nt.is_dirty(run.img)  # the package sees it here first
+        for step, (op, k) in enumerate(ops):
+            if op in READS_DATA and plain and relative and os.getcwd() != str(origin):
+                continue  # nibabel itself cannot read a relative name from elsewhere
+            if op in READS_DATA and run.repointed:
+                continue  # nor a name whose link leads nowhere now
+            getattr(run, op)(k)
+            if run.changed or run.forced:
+                assert nt.is_dirty(run.img), f'false clean after {ops[: step + 1]}'
+        store = nt.Store(tmp_path_factory.mktemp('store'))
+        try:
+            res = nt.resolve(run.img, store=store)
+        except nt.ImageReadError:
+            # only when the image's data object reads another file by name than its own
+            assert (os.getcwd() == str(away) and relative and plain) or run.repointed
+            os.chdir(origin)
+            run.restore_link(0)
+            res = nt.resolve(run.img, store=store)
+        if res.action == 'original':
+            assert not (run.changed or run.forced)
+        os.chdir(origin)  # read what the image holds where its proxy reads its file
+        run.restore_link(0)
+        assert_same_content(reload_exact(res.path), run.img)
+    finally:
+        os.chdir(here)
+    case.assert_unchanged()
+
+
+# ------------------------------------------------------------- rechecks of clean verdicts
+
+
+def _restore_times(path: Path, st: os.stat_result) -> None:
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+RECHECKED = {
+    'nii': (nib.Nifti1Image, 'a.nii', 'a.nii', nib.Nifti1Header),
+    'nii.gz': (nib.Nifti1Image, 'a.nii.gz', 'a.nii.gz', nib.Nifti1Header),
+    'nifti2': (nib.Nifti2Image, 'a.nii', 'a.nii', nib.Nifti2Header),
+    'pair': (nib.Nifti1Pair, 'a.img', 'a.hdr', nib.nifti1.Nifti1PairHeader),
+    'spm2': (nib.Spm2AnalyzeImage, 'a.img', 'a.hdr', nib.spm2analyze.Spm2AnalyzeHeader),
+}
+
+
+@pytest.mark.parametrize('kind', RECHECKED)
+@pytest.mark.parametrize('fresh', [False, True], ids=['settled', 'fresh'])
+def test_a_remembered_clean_verdict_sees_header_rewrites(kind, fresh, tmp_path, store):
+    """Rewritten in place, timestamps put back: only the re-read header bytes tell."""
+    from nipype_nibtrack.provenance import record_of
+
+    klass, name, header_name, header_class = RECHECKED[kind]
+    path, header_file = tmp_path / name, tmp_path / header_name
+    nib.save(klass(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4)), path)
+    if not fresh:
+        for file in tmp_path.iterdir():
+            os.utime(file, (time.time() - 10,) * 2)
+        time.sleep(1.1)
+    img = nt.load(path)
+    assert nt.dirty_reason(img) is None
+    assert record_of(img).verdict is not None  # remembered: the next check is a recheck
+    assert nt.as_filename(img) == str(path)
+    st = os.stat(header_file)
+    field = 'descrip' if 'descrip' in header_class.template_dtype.names else 'db_name'
+    rewrite_in_place(header_file, header_patch(header_class, **{field: b'rewritten'}))
+    _restore_times(header_file, st)
+    assert nt.is_dirty(img)
+    assert nt.resolve(img).action == 'written'
+
+
+def _simple(tmp_path: Path) -> Any:
+    path = tmp_path / 'simple.nii'
+    nib.save(nib.Nifti1Image(np.zeros((2, 3, 4), np.float32), np.eye(4)), path)
+    img = nt.load(path)
+    assert nt.dirty_reason(img) is None
+    return img
+
+
+def test_a_remembered_verdict_is_not_carried_to_copies(tmp_path):
+    from nipype_nibtrack.provenance import record_of
+
+    img = _simple(tmp_path)
+    assert record_of(img).verdict is not None
+    assert record_of(copy.deepcopy(img)).verdict is None
+
+
+@pytest.mark.parametrize(
+    'edit',
+    [
+        lambda img: setattr(img.dataobj, '_offset', img.dataobj._offset + 4),
+        lambda img: img.affine.__setitem__((0, 3), img.affine[0, 3] + 1e-12),
+        lambda img: img.header.__setitem__('descrip', b'x'),
+        lambda img: img.set_data_dtype('compat'),
+        lambda img: img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'n')),
+        lambda img: img.get_fdata().__setitem__((0, 0, 0), 1),
+        lambda img: img.set_filename(str(img.get_filename()) + '.other.nii'),
+        lambda img: nt.mark_dirty(img),
+    ],
+    ids=['proxy', 'affine', 'header', 'alias', 'extension', 'cache', 'filename', 'mark_dirty'],
+)
+def test_a_remembered_verdict_sees_image_edits(edit, tmp_path):
+    img = _simple(tmp_path)
+    edit(img)
+    assert nt.is_dirty(img)

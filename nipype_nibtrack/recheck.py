@@ -1,0 +1,181 @@
+"""Re-checking a clean verdict for the cost of opening the image's files.
+
+A full check compares the image with a reference of its files (see :mod:`.rules`). When
+it finds a NIfTI/Analyze image clean, a :class:`Memo` keeps what that verdict rested on:
+
+- the image's side, read from the image in about a microsecond: header bytes, affine
+  bytes, dtype alias, the data object (identity and every read parameter), file names,
+  and that it holds no data cache and no NIfTI extensions;
+- the files' side: each file's identity and the raw bytes holding the header (for a
+  ``.nii``, everything up to the data offset; for a ``.nii.gz``, the compressed bytes
+  that decompress to it, so nothing is decompressed), read again at every check
+  through one ``open``, ``fstat`` and ``pread`` per file.
+
+If everything is equal the verdict still holds: the reference is a pure function of the
+header bytes (and the ``.mat``), and an image without a data cache reads its voxels from
+the file, as a tool does. This holds for files younger than the racy window too: a
+same-size rewrite within one clock tick that changes the header changes these bytes.
+Anything else, or any difference, falls back to the full check.
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from nibabel.analyze import AnalyzeImage
+from nibabel.arrayproxy import ArrayProxy
+
+from .fileid import FileId
+
+__all__ = ['Memo', 'image_key', 'memo_for', 'still_clean']
+
+_GZIP = ('.gz',)
+_NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place, type
+_MAX_REGION = 1 << 24
+_OPEN_FLAGS = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
+
+
+@dataclass(frozen=True)
+class Memo:
+    """What a clean verdict rested on; see the module docstring."""
+
+    image: tuple
+    files: tuple  # ((path, FileId, number of bytes re-read, those bytes), ...)
+    handed: str  # the path handed out for the image's own file
+    ids: dict  # {path: FileId}, as a verdict gives them
+
+    def files_paths(self) -> tuple[str, ...]:
+        return tuple(path for path, *_ in self.files)
+
+
+def image_key(img: Any) -> tuple | None:
+    """The image's side of a verdict, or None when the image is not a simple case.
+
+    >>> import numpy as np, nibabel as nib
+    >>> image_key(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None  # no proxy
+    True
+    """
+    if not isinstance(img, AnalyzeImage):
+        return None
+    dataobj = img._dataobj
+    if type(dataobj) is not ArrayProxy or dataobj._persist_opener:
+        return None  # arrays, held files: the full check
+    file_like = dataobj.file_like
+    if not isinstance(file_like, str) or file_like[:1] != os.sep:
+        return None  # a relative name reads elsewhere after a chdir
+    if img._fdata_cache is not None or img._data_cache is not None:
+        return None
+    header = img._header
+    if getattr(header, 'extensions', None):
+        return None
+    affine = img._affine
+    return (
+        type(img),
+        header._structarr.tobytes(),  # what binaryblock returns, without the checks
+        None if affine is None else (affine.dtype, affine.shape, affine.tobytes()),
+        getattr(img, '_dtype_alias', None),
+        dataobj,
+        file_like,
+        dataobj._shape,
+        dataobj._dtype,
+        dataobj._offset,
+        dataobj._slope,
+        dataobj._inter,
+        dataobj.order,
+        tuple([(key, holder.filename, holder.fileobj) for key, holder in img.file_map.items()]),
+    )
+
+
+def _header_length(head: bytes) -> int | None:
+    """Bytes up to the data offset of a NIfTI single file, from its first bytes."""
+    for order in '<>':
+        size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
+        if size in _NIFTI_SIZES and len(head) >= size:
+            where, kind = _NIFTI_SIZES[size]
+            offset = float(np.frombuffer(head, order + kind, count=1, offset=where)[0])
+            # at least the extender bytes after the header, which flag extensions
+            if np.isfinite(offset) and size + 4 <= offset <= _MAX_REGION:
+                return int(offset)
+            return size + 4
+    return None
+
+
+def _compressed_length(path: str, plain_length: int) -> int | None:
+    """How many raw bytes of a gzip file decompress to at least ``plain_length`` bytes."""
+    inflate = zlib.decompressobj(wbits=31)
+    fed, out = 0, b''
+    with open(path, 'rb') as fobj:
+        while len(out) < plain_length:
+            block = fobj.read(512)
+            if not block or fed > _MAX_REGION:
+                return None
+            fed += len(block)
+            out += inflate.decompress(block)
+    return fed
+
+
+def _region(path: str, key: str, img: Any) -> int | None:
+    """How many raw bytes of ``path`` hold the header (0: none, -1: the whole file);
+    None when that cannot be told cheaply."""
+    if 'header' in img.file_map:  # a pair: .hdr (and .mat) small and whole, .img none
+        return 0 if key == 'image' else -1
+    with open(path, 'rb') as fobj:
+        head = fobj.read(4096)
+    if path.endswith(_GZIP):
+        try:
+            plain = zlib.decompressobj(wbits=31).decompress(head, 544)
+        except zlib.error:
+            return None
+        length = _header_length(plain)
+        return None if length is None else _compressed_length(path, length)
+    return _header_length(head)
+
+
+def _read(path: str, length: int) -> tuple[Any, bytes]:
+    """Identity of the file opened at ``path`` (None: missing) and its first bytes."""
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except FileNotFoundError:
+        return None, b''
+    except OSError:
+        return 'unreadable', b''
+    try:
+        st = os.fstat(fd)
+        ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        if length == 0:
+            return ident, b''
+        return ident, os.pread(fd, st.st_size if length < 0 else length, 0)
+    finally:
+        os.close(fd)
+
+
+def memo_for(img: Any, paths: dict[str, str], handed: str) -> Memo | None:
+    """What a clean verdict on ``img`` rests on now; None when not a simple case."""
+    key = image_key(img)
+    if key is None:
+        return None
+    files = []
+    for name, path in sorted(paths.items()):
+        length = _region(path, name, img) if os.path.exists(path) else 0
+        if length is None:
+            return None
+        ident, data = _read(path, length)
+        if not isinstance(ident, (tuple, type(None))):
+            return None
+        files.append((path, ident, length, data))
+    ids = {path: None if i is None else FileId(*i) for path, i, _, _ in files}
+    return Memo(key, tuple(files), handed, ids)
+
+
+def still_clean(img: Any, memo: Memo) -> dict[str, FileId] | None:
+    """The files' identities when ``memo`` still holds for ``img``, else None."""
+    if image_key(img) != memo.image:
+        return None
+    for path, ident, length, data in memo.files:
+        if _read(path, length) != (ident, data):
+            return None
+    return dict(memo.ids)  # the caller's own
