@@ -2,7 +2,7 @@
 # Install what nipype_nibtrack needs on a fresh Debian machine: the external tools
 # (apt-get, when run as root) and the package itself in .venv.
 #   scripts/bootstrap.sh demo   elastix, and the package
-#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, and the test/docs/pydra extras
+#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, slurmdbd, mariadb-server, and the test/docs/pydra extras
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mode=${1:-demo}
@@ -14,6 +14,8 @@ if [ "$mode" = test ]; then
     command -v mrconvert >/dev/null || missing+=(mrtrix3)
     command -v sbatch >/dev/null && command -v slurmctld >/dev/null || missing+=(slurm-wlm)
     command -v munged >/dev/null || missing+=(munge)
+    command -v slurmdbd >/dev/null || missing+=(slurmdbd)  # accounting, for sacct
+    command -v mariadbd >/dev/null || missing+=(mariadb-server)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then

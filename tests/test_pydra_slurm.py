@@ -1,16 +1,14 @@
 """pydra's slurm worker on the one-node cluster of ``.ci/slurm-up.sh``.
 
-pydra's worker learns how a job ended from ``sacct``. The test cluster keeps no
-accounting (that needs slurmdbd and a MySQL/MariaDB server), so when the real ``sacct``
-says so, ``.ci/bin`` goes first on ``PATH``: its ``sacct`` answers pydra's one question
-from ``scontrol show job``. Jobs import ``tests.pydra_tasks``, so the repository root
-goes on their ``PYTHONPATH`` (sbatch passes the environment on).
+pydra's worker learns how a job ended from ``sacct``, so the cluster keeps accounting
+(slurmdbd on a local MariaDB, both started by the script). Jobs import
+``tests.pydra_tasks``, so the repository root goes on their ``PYTHONPATH`` (sbatch
+passes the environment on).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -27,18 +25,22 @@ JOB_LIMIT = 20_000
 pytestmark = pytest.mark.slow
 
 
+def _no_accounting() -> str | None:
+    sacct = subprocess.run(['sacct', '-n', '-X'], capture_output=True, text=True)
+    if sacct.returncode != 0:
+        seen = sacct.stderr.strip() or sacct.stdout.strip()
+        return f'sacct fails ({seen}); run sudo bash .ci/slurm-up.sh, which starts slurmdbd'
+    return None
+
+
 @pytest.fixture
 def slurm(tmp_path, monkeypatch):
-    """A cache root and a store every job reads; sacct answered; our tree importable."""
-    problem = _cluster_up()
+    """A cache root and a store every job reads; sacct answers; our tree importable."""
+    problem = _cluster_up() or _no_accounting()
     if problem:
         if os.environ.get('CI') == 'true':
             pytest.fail(problem)
         pytest.skip(problem)
-    sacct = subprocess.run(['sacct', '-n', '-X'], capture_output=True, text=True)
-    if 'accounting storage is disabled' in sacct.stderr + sacct.stdout:
-        monkeypatch.setenv('PATH', f'{ROOT / ".ci" / "bin"}{os.pathsep}{os.environ["PATH"]}')
-        assert shutil.which('sacct') == str(ROOT / '.ci' / 'bin' / 'sacct')
     path = [str(ROOT), *filter(None, os.environ.get('PYTHONPATH', '').split(os.pathsep))]
     monkeypatch.setenv('PYTHONPATH', os.pathsep.join(path))
     monkeypatch.setenv('NIBTRACK_STORE', str(tmp_path / 'store'))
