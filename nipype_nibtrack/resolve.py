@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import stat
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,9 +15,9 @@ from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
-from .digest import image_digest
-from .export import Target, choose_target, export_image
-from .fileid import all_settled, path_id
+from .digest import READ_ERRORS, image_digest
+from .export import ContentChanged, Plan, choose_plan, export_image, write_plan
+from .fileid import path_id
 from .provenance import source_files
 from .rules import cleanliness
 from .snapshot import proxy_spec
@@ -40,8 +39,7 @@ logger = logging.getLogger('nipype_nibtrack')
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+-]+')
 _STEM_MAX = 80  # with the longest extension and the manifest's '.json', far below 255 bytes
 _ATTEMPTS = 3
-# What reading voxel data from a damaged, truncated or vanished file raises
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+_READ_ERRORS = READ_ERRORS
 
 
 class ImageReadError(OSError):
@@ -160,10 +158,10 @@ def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     >>> check_image(img, ['.txt'])
     Traceback (most recent call last):
     ...
-    ValueError: cannot write a Nifti1Image in any of the accepted formats ('.txt',); ...
+    ValueError: cannot write this Nifti1Image of float32 data exactly in any of the accepted ...
     """
     _check_image(img)
-    choose_target(img, normalise_formats(formats))
+    choose_plan(img, normalise_formats(formats))
 
 
 def image_label(img: Any) -> str:
@@ -266,27 +264,52 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
         raise _read_error(img, err) from err
     if _identities(files) != before:  # the digest may mix two versions of the file
         raise _SourceChanged
-    target = choose_target(img, accepted)
+    chosen = choose_plan(img, accepted)
+    name, handed = _entry_names(_stem(img), chosen.target.ext)
     # the default store is looked up only now: clean images never need one
     path, written = (store or get_store()).put(
-        digest,
-        _stem(img) + target.ext,
-        lambda tmp: _write(img, target, tmp, digest, files, before),
+        digest, name, lambda tmp: _write(img, chosen, tmp, digest, files, before)
     )
+    path = path.with_name(handed)
     resolution = Resolution(str(path), 'written' if written else 'reused', reason)
     logger.debug('%s', resolution.describe())
     return resolution
 
 
+def _entry_names(stem: str, ext: str) -> tuple[str, str]:
+    """(name the entry is stored under, name handed out) for a file of extension ``ext``.
+
+    A NIfTI pair is one entry whatever half is asked for: it is stored under its image
+    file, and the header is handed out beside it, so that asking for ``.hdr`` after
+    ``.img`` reuses the entry instead of seeing an entry without a manifest.
+
+    >>> _entry_names('brain', '.hdr'), _entry_names('brain', '.nii')
+    (('brain.img', 'brain.hdr'), ('brain.nii', 'brain.nii'))
+    """
+    image = {'.hdr': '.img', '.hdr.gz': '.img.gz'}.get(ext, ext)
+    return stem + image, stem + ext
+
+
 def _write(
-    img: Any, target: Target, tmp: str, digest: str, files: tuple[str, ...], before: dict
+    img: Any, chosen: Plan, tmp: str, digest: str, files: tuple[str, ...], before: dict
 ) -> None:
-    """Export ``img``; refuse the result if its files changed since it was digested."""
+    """Export ``img``; refuse the result unless it is what ``digest`` describes.
+
+    Voxels written by :func:`write_plan` are hashed as they are written: an image that
+    changed since it was digested (another thread editing its array, its file
+    rewritten) yields another digest, and the entry is discarded and resolved again.
+    """
     try:
-        export_image(img, target, tmp)
+        if chosen.out is not None:
+            written = write_plan(chosen, tmp)
+        else:
+            export_image(img, chosen.target, tmp)
+            written = None
+    except ContentChanged as err:
+        raise _SourceChanged from err
     except HeaderDataError as err:
         raise ValueError(
-            f'nibabel cannot write this {type(img).__name__} as {target.ext}: {err}'
+            f'nibabel cannot write this {type(img).__name__} as {chosen.target.ext}: {err}'
         ) from err
     except Exception as err:
         if _identities(files) != before:
@@ -294,9 +317,9 @@ def _write(
         raise
     if _identities(files) != before:  # what was written may not be what was digested
         raise _SourceChanged
-    if not all_settled(before.values()) and image_digest(img) != digest:
-        # a same-size rewrite within one clock tick leaves the identity unchanged: for
-        # files that recent, read them again (their digests are not memoised anyway)
+    if written is None:
+        written = image_digest(img)  # GIFTI, CIFTI-2: nibabel wrote them from the object
+    if written != digest:
         raise _SourceChanged
 
 

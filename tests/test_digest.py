@@ -248,9 +248,10 @@ def _perturb(draw, data, affine):
 def _same_content(a, b) -> bool:
     (da, aa), (db, ab) = a, b
     return (
-        da.dtype == db.dtype
+        da.dtype.newbyteorder('<') == db.dtype.newbyteorder('<')  # byte order is not content
         and da.shape == db.shape
-        and np.ascontiguousarray(da).tobytes() == np.ascontiguousarray(db).tobytes()
+        and np.ascontiguousarray(da, da.dtype.newbyteorder('<')).tobytes()
+        == np.ascontiguousarray(db, db.dtype.newbyteorder('<')).tobytes()
         and aa.tobytes() == ab.tobytes()
     )
 

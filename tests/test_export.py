@@ -21,7 +21,8 @@ from tests.conftest import (
 NII = Target(nib.Nifti1Image, '.nii')
 
 
-def _write(img, tmp_path, target=NII, name='out'):
+def _write(img, tmp_path, target=None, name='out'):
+    target = choose_target(img, ('.nii',)) if target is None else target
     path = tmp_path / f'{name}{target.ext}'
     export_image(img, target, path)
     return reload_exact(path)
@@ -41,7 +42,8 @@ def _write(img, tmp_path, target=NII, name='out'):
         ('mgz', ('.mgz', '.nii'), nib.MGHImage, '.mgz'),
         ('mgz', ('.nii.gz',), nib.Nifti1Image, '.nii.gz'),
         ('minc2', None, nib.Nifti1Image, '.nii'),
-        ('parrec', ('.mgz',), nib.MGHImage, '.mgz'),
+        # float64 values: not MGH; an affine from angulations: float64, so NIfTI-2
+        ('parrec', ('.mgz', '.nii.gz'), nib.Nifti2Image, '.nii.gz'),
         ('cifti2', None, nib.Cifti2Image, '.nii'),
         ('gifti', None, nib.GiftiImage, '.gii'),
     ],
@@ -144,14 +146,23 @@ def test_float_header_narrower_than_the_array_is_the_users_choice(tmp_path):
     ('target', 'exact'),
     [(NII, False), (Target(nib.Nifti2Image, '.nii'), True), (Target(nib.MGHImage, '.mgh'), False)],
 )
-def test_affine_edits_nibabel_would_drop_are_written(target, exact, tmp_path):
+def test_affine_edits_nibabel_would_drop_are_written_or_refused(target, exact, tmp_path):
     img = build_format('nifti2', tmp_path).load()
-    base = img.affine.copy()
     img.affine[1, 1] *= 1 + 3e-6  # within np.allclose: nib.save would ignore it
+    if not exact:  # float32 (NIfTI-1) or zooms and directions (MGH) cannot hold it
+        with pytest.raises(ValueError, match='another affine'):
+            _write(img, tmp_path, target)
+        return
     out = _write(img, tmp_path, target)
-    if exact:
-        assert np.array_equal(out.affine, img.affine)
-    assert abs(out.affine[1, 1] - img.affine[1, 1]) < abs(out.affine[1, 1] - base[1, 1])
+    assert np.array_equal(out.affine, img.affine)
+
+
+def test_a_float64_affine_goes_to_nifti2_when_nii_is_accepted(tmp_path):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    img.affine[0, 3] = 0.1  # not a float32
+    assert choose_target(img, ('.nii',)) == Target(nib.Nifti2Image, '.nii')
+    with pytest.raises(ValueError, match=r"accepted formats \['.mgz'\].*would hold it: .nii"):
+        choose_target(img, ('.mgz',))
 
 
 def test_nib_save_alone_would_lose_these_edits(tmp_path):
