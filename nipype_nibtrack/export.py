@@ -316,6 +316,11 @@ def plan(img: Any, target: Target) -> Plan:
         values = np.asanyarray(values)
         src = values.dtype
     shown = _scaled_dtype(scaled) if scaled is not None else np.dtype(src)
+    alias = getattr(img, '_dtype_alias', None)
+    if alias is not None:  # 'compat', 'smallest': decided from the values, as nib.save does
+        asked = _finalized_alias(img, values, alias)
+        if _supports(header, asked):
+            header.set_data_dtype(asked)
     asked = header.get_data_dtype()
     # A float dtype the image itself declares for the float array it was given: the
     # user asked for that cast (nib.save makes the same). Never for an edited cache.
@@ -345,9 +350,6 @@ def plan(img: Any, target: Target) -> Plan:
     if hasattr(out.header, 'set_slope_inter'):  # MGH has no scaling
         out.header.set_slope_inter(*scaling)
     _carry_exact_affine(out, img.affine)
-    alias = getattr(img, '_dtype_alias', None)
-    if alias is not None and hasattr(out, '_dtype_alias'):
-        raise _refuse(img, target, f'its dtype alias {alias!r} is decided by nibabel at save')
     out.update_header()
     if img.affine is not None:
         reads = out.header.get_affine() if isinstance(out, MGHImage) else None
@@ -360,6 +362,13 @@ def plan(img: Any, target: Target) -> Plan:
                 'in float32 or as zooms and directions); NIfTI-2 (.nii) holds it exactly',
             )
     return Plan(target, out, values, np.dtype(src), raw, tag, meta, scaled, users_choice)
+
+
+def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:
+    """The dtype nibabel's ``get_data_dtype(finalize=True)`` picks for ``alias``."""
+    probe = nib.Nifti1Image(np.asanyarray(values), None)
+    probe.set_data_dtype(alias)
+    return np.dtype(probe.get_data_dtype(finalize=True))
 
 
 def _scaled_dtype(dataobj: Any) -> np.dtype:

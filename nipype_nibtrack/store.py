@@ -3,7 +3,8 @@
 Layout under the store root::
 
     objects/ab/ab12...ef/<stem><ext>         the image (plus .hdr for pairs)
-    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry
+    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry,
+                                             and the version of the digest that keyed it
     tmp/<digest>.<random>/                   writes in progress
     locks/<digest>.lock                      flock: exclusive to write or delete, shared to use
 
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import xxhash
 
-from .digest import _Memo
+from .digest import DIGEST_VERSION, _Memo
 from .fileid import FileId
 
 __all__ = [
@@ -203,6 +204,8 @@ class Store:
 
     def _error(self, err: OSError, doing: str) -> StoreError:
         """A StoreError naming the store, the cause and what to do."""
+        if err.errno in (errno.ENOTDIR, errno.EEXIST) and (problem := self._root_problem()):
+            return problem
         cause = err.strerror or str(err)
         if err.errno in _SPACE:
             advice = (
@@ -222,7 +225,30 @@ class Store:
             err.errno, f'{doing} in the image store at {self.root} failed: {cause}. {advice}'
         )
 
+    def _root_problem(self) -> StoreError | None:
+        """A StoreError when the root, or a folder above it, exists but is no directory."""
+        for path in (self.root, *self.root.parents):
+            try:
+                st = os.stat(path)  # the root itself may be a link to a directory
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            what = 'the store root' if path == self.root else f'{path}, above the store root,'
+            return StoreError(
+                errno.ENOTDIR,
+                f'{what} is a file, not a directory, so the image store at {self.root} '
+                f'cannot be used. Set {ENV_VAR} (or nt.set_store) to a directory, or move '
+                f'that file away',
+            )
+        return None
+
     def _planted(self, path: Path) -> StoreError:
+        problem = self._root_problem()
+        if problem is not None:
+            return problem
         return StoreError(
             errno.ELOOP,
             f'{path} in the image store at {self.root} is a symbolic link or not a '
@@ -567,6 +593,7 @@ class Store:
             text = json.dumps(
                 {
                     'version': 2,
+                    'digest_version': DIGEST_VERSION,
                     'digest': digest,
                     'files': {f: v[0] for f, v in files.items()},
                     'xxh3': {f: v[1] for f, v in files.items()},
@@ -764,6 +791,8 @@ def _read_manifest(
         os.close(fd)
     if data.get('digest', digest) != digest or not isinstance(files, dict) or name not in files:
         return None
+    if data.get('digest_version') != DIGEST_VERSION:
+        return None  # keyed by another definition of the digest: never read as this one
     if not isinstance(hashes, dict):
         return None
     out = {}

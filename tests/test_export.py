@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import nipype_nibtrack as nt
 from nipype_nibtrack.export import Target, choose_target, export_image
 from tests.conftest import (
     assert_same_bits,
@@ -210,3 +213,69 @@ def test_written_values_are_bitwise_equal_whatever_the_edit(
     img.get_fdata()[...] = values
     out = _write(img, tmp)
     assert np.array_equal(value_bits(out.get_fdata()), value_bits(values))
+
+
+# --------------------------------------------------------------------------- issue 9 / 12
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.mgh', '.mgz'])
+@pytest.mark.parametrize('order', ['C', 'F'])
+def test_written_files_are_byte_identical_to_nib_save(ext, order, tmp_path):
+    data = np.asarray(np.random.default_rng(0).random((5, 6, 7, 2)), 'f4', order=order)
+    img = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    target = choose_target(img, (ext,))
+    ours, theirs = tmp_path / f'ours{ext}', tmp_path / f'theirs{ext}'
+    export_image(img, target, ours)
+    nib.save(
+        target.klass(data, img.affine, target.klass.header_class.from_header(img.header)), theirs
+    )
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ('values', 'formats'),
+    [
+        (np.full((2, 2, 2), 1e300), ['.mgz']),  # float64 -> inf in float32
+        (np.full((2, 2, 2), 2**24 + 1, 'i4'), ['.mgh']),  # no int32 above 2**24 in f4...
+        (np.full((2, 2, 2), 1 + 1j, 'c8'), ['.mgz']),
+        (np.full((2, 2, 2), 2**40 + 1, 'i8'), ['.mgz']),
+        (np.zeros((2, 2, 2, 2, 2), 'f4'), ['.mgh']),  # 5D
+    ],
+)
+def test_inexact_conversions_are_refused_naming_dtype_formats_and_holders(values, formats):
+    img = nib.Nifti1Image(values, np.eye(4), dtype=values.dtype)
+    if values.dtype == 'i4':
+        img = nib.Nifti1Image(values.astype('u4'), np.eye(4))  # MGH stores i4, not u4
+    with pytest.raises(ValueError) as err:
+        choose_target(img, tuple(formats))
+    text = str(err.value)
+    assert str(img.get_data_dtype()) in text and formats[0] in text
+    assert 'would hold it: .nii' in text
+
+
+def test_cifti2_is_refused_at_check_time_in_formats_export_cannot_write(tmp_path):
+    img = build_format('cifti2', tmp_path).load()
+    with pytest.raises(ValueError, match=r'Cifti2Image'):
+        nt.check_image(img, ['.nii.gz'])
+    nt.check_image(img, ['.nii'])
+
+
+def test_data_in_memory_is_written_when_the_file_is_gone(tmp_path):
+    path = tmp_path / 'gone.nii'
+    nib.save(nib.Nifti1Image(np.arange(24, dtype='i2').reshape(2, 3, 4), np.eye(4)), path)
+    img = nt.load(path)
+    shown = img.get_fdata().copy()
+    path.unlink()
+    out = nt.as_filename(img, store=nt.Store(tmp_path / 'store'))
+    assert_same_bits(nib.load(out).get_fdata(), shown)
+
+
+def test_data_in_memory_not_the_replacing_file_is_what_is_written(tmp_path):
+    path = tmp_path / 'replaced.nii'
+    nib.save(nib.Nifti1Image(np.ones((2, 3, 4), 'f4'), np.eye(4)), path)
+    img = nt.load(path)
+    shown = img.get_fdata().copy()
+    nib.save(nib.Nifti1Image(np.full((2, 3, 4), 7, 'f4'), np.eye(4)), tmp_path / 'other.nii')
+    os.replace(tmp_path / 'other.nii', path)
+    out = nt.as_filename(img, store=nt.Store(tmp_path / 'store'))
+    assert_same_bits(nib.load(out).get_fdata(), shown)
