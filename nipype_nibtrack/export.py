@@ -444,7 +444,9 @@ def write_plan(p: Plan, path: str | os.PathLike) -> str:
     return finish_digest(p.meta, p.tag, hasher.hexdigest())
 
 
-def export_image(img: Any, target: Target, path: str | os.PathLike) -> str | None:
+def export_image(
+    img: Any, target: Target, path: str | os.PathLike, decided: Plan | None = None
+) -> str | None:
     """Write exactly what ``img`` holds to ``path`` as ``target``; ``img`` is untouched.
 
     Parameters
@@ -454,6 +456,8 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> str | Non
         Class and extension, usually from :func:`choose_target`.
     path : path-like
         New file name, ending with ``target.ext``.
+    decided : Plan, optional
+        The plan of ``target`` when already made (by :func:`choose_plan`).
 
     Returns
     -------
@@ -480,7 +484,7 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> str | Non
     >>> img.get_filename() is None
     True
     """
-    p = plan(img, target)
+    p = plan(img, target) if decided is None else decided
     if target.klass is GiftiImage:
         # to_file_map with a new map leaves img.file_map alone, unlike to_filename
         img.to_file_map(img.filespec_to_file_map(os.fspath(path)))

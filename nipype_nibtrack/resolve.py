@@ -16,7 +16,7 @@ from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
 from .digest import READ_ERRORS, image_digest
-from .export import ContentChanged, Plan, choose_plan, export_image, write_plan
+from .export import ContentChanged, Plan, choose_plan, export_image
 from .fileid import path_id
 from .provenance import source_files
 from .rules import cleanliness
@@ -300,11 +300,7 @@ def _write(
     rewritten) yields another digest, and the entry is discarded and resolved again.
     """
     try:
-        if chosen.out is not None:
-            written = write_plan(chosen, tmp)
-        else:
-            export_image(img, chosen.target, tmp)
-            written = None
+        written = export_image(img, chosen.target, tmp)  # planned again: the image now
     except ContentChanged as err:
         raise _SourceChanged from err
     except HeaderDataError as err:

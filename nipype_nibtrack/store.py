@@ -791,8 +791,11 @@ def _read_manifest(
         os.close(fd)
     if data.get('digest', digest) != digest or not isinstance(files, dict) or name not in files:
         return None
-    if data.get('digest_version') != DIGEST_VERSION:
-        return None  # keyed by another definition of the digest: never read as this one
+    if data.get('digest_version', DIGEST_VERSION) != DIGEST_VERSION:
+        # keyed by another definition of the digest: never read as this one. (Entries
+        # older than this field have keys made with another digest prefix, which no
+        # digest of this version can equal: they are never reached.)
+        return None
     if not isinstance(hashes, dict):
         return None
     out = {}
