@@ -9,6 +9,7 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,7 +184,8 @@ def _survives(values: np.ndarray, dtype: np.dtype) -> bool:
     """
     if dtype == values.dtype:
         return True
-    with np.errstate(all='ignore'):
+    with np.errstate(all='ignore'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', np.exceptions.ComplexWarning)  # answered below
         back = values.astype(dtype).astype(values.dtype)
     return np.array_equal(_raw_bytes(back), _raw_bytes(values))
 
