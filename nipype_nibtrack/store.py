@@ -515,8 +515,10 @@ class Store:
         """Return the entry ``name`` of ``digest``, writing it with ``write(path)`` if needed.
 
         ``write`` writes the file(s) under the path it is given, in a private temporary
-        folder of the store. An ``OSError`` it raises that is the store's (no space,
-        read-only, permissions) becomes a :class:`StoreError`; anything else passes.
+        folder of the store; it may return ``{file name: xxh3-128 hex}`` of the bytes it
+        wrote, which the manifest then takes without reading the files again. An
+        ``OSError`` it raises that is the store's (no space, read-only, permissions)
+        becomes a :class:`StoreError`; anything else passes.
 
         Returns
         -------
@@ -552,7 +554,7 @@ class Store:
             raise self._error(err, f'writing {name}') from err
         try:
             try:
-                write(tmpdir / name)
+                result = write(tmpdir / name)
             except StoreError:
                 raise
             except OSError as err:
@@ -560,7 +562,7 @@ class Store:
                     raise
                 raise self._error(err, f'writing {name}') from err
             try:
-                self._publish(tmpdir, digest, name)
+                self._publish(tmpdir, digest, name, result if isinstance(result, dict) else {})
             except StoreError:
                 raise
             except OSError as err:
@@ -569,12 +571,21 @@ class Store:
             shutil.rmtree(tmpdir, ignore_errors=True)
         return entry / name
 
-    def _publish(self, tmpdir: Path, digest: str, name: str) -> None:
-        """Hash the files written in ``tmpdir``, write the manifest, link them into place."""
+    def _publish(self, tmpdir: Path, digest: str, name: str, known: dict) -> None:
+        """Hash the files written in ``tmpdir``, write the manifest, link them into place.
+
+        ``known`` maps file names to the xxh3 of the bytes the writer wrote (hashed as it
+        wrote them, in this process, into its private folder): those are not read again.
+        """
         tmp_fd = self._open_dir(tmpdir)
         try:
             files: dict[str, tuple[int, str]] = {}
             for fname in sorted(os.listdir(tmp_fd)):
+                if isinstance(known.get(fname), str) and _HEX.match(known[fname]):
+                    st = os.stat(fname, dir_fd=tmp_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        files[fname] = (st.st_size, known[fname])
+                        continue
                 xxh3, ident = _file_xxh3(fname, tmp_fd)
                 if ident is None:
                     raise StoreError(

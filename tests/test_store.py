@@ -423,3 +423,18 @@ def test_an_entry_always_holds_its_key_while_another_thread_edits(tmp_path):
         key = Path(path).parent.name
         fresh = nib.Nifti1Image(np.asanyarray(written.dataobj), np.eye(4))
         assert nt.image_digest(fresh) == key, 'an entry holds other bytes than its key'
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.img.gz', '.mgh', '.mgz'])
+def test_manifest_hashes_are_those_of_the_files_written(ext, tmp_path):
+    """The writer hashes the bytes as it writes them: the manifest must match the files."""
+    import json
+
+    import xxhash
+
+    img = nib.Nifti1Image(np.arange(60, dtype='f4').reshape(3, 4, 5), np.eye(4))
+    path = Path(nt.as_filename(img, formats=[ext], store=Store(tmp_path)))
+    image = path.name.replace('.hdr', '.img')
+    manifest = json.loads((path.parent / f'.{image}.json').read_text())
+    for name, xxh3 in manifest['xxh3'].items():
+        assert xxh3 == xxhash.xxh3_128((path.parent / name).read_bytes()).hexdigest(), name
