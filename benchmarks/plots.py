@@ -132,6 +132,10 @@ def measure() -> dict:
         results['formats'] = bench_core.measure_formats(work)
         print('digests ...', flush=True)
         results['digest'] = {n: bench_core.measure_digest(n, md5=True) for n in DIGEST_SIZES}
+    import bench_limits
+
+    print('against the physical floor (bench_limits) ...', flush=True)
+    results['limits'] = bench_limits.measure()
     config.set('execution', 'hash_method', 'timestamp')
     try:
         print('workflow first run and rerun ...', flush=True)
@@ -331,6 +335,56 @@ def plot_digest(r: dict, path: Path) -> None:
         fontsize=12.5,
     )
     _finish(fig, m, path)
+
+
+def _goal_ratio(goal: str) -> float | None:
+    """The ratio a goal names, if any.
+
+    >>> _goal_ratio('<= 0.8x nib.save'), _goal_ratio('<= 2x xxh3-128'), _goal_ratio('flat')
+    (0.8, 2.0, None)
+    """
+    for word in goal.split():
+        if word.endswith('x'):
+            try:
+                return float(word[:-1])
+            except ValueError:
+                continue
+    return None
+
+
+def plot_limits(r: dict, path: Path) -> None:
+    """Each bench_limits row with a floor: ours / floor, with the goal's ratio marked."""
+    m = r['machine']
+    rows = [x for x in r['limits'] if x.get('ratio')]
+    fig, ax = plt.subplots(figsize=(8.6, 0.5 * len(rows) + 1.6))
+    ys = range(len(rows))[::-1]
+    goals = [_goal_ratio(x['goal']) for x in rows]
+    colors = [
+        OURS if g is None or x['ratio'] <= g else BASE for x, g in zip(rows, goals, strict=True)
+    ]
+    bars = ax.barh(list(ys), [x['ratio'] for x in rows], color=colors, height=0.6)
+    for y, g in zip(ys, goals, strict=True):
+        if g is not None:
+            ax.plot([g, g], [y - 0.4, y + 0.4], color='black', lw=2)
+    _label_bars(ax, bars, [f'{x["ratio"]:.2f}{X}' for x in rows])
+    ax.set_yticks(list(ys), [x['what'] for x in rows], fontsize=8.5)
+    ax.set_xscale('log')
+    ax.axvline(1, color=GREY, lw=1, ls=':')
+    ax.set_xlabel('ours / floor measured in the same run (log scale); black tick: the goal')
+    ax.set_title('Against the physical floor (benchmarks/bench_limits.py)', fontsize=12.5)
+    _finish(fig, m, path)
+
+
+def limits_table(r: dict) -> str:
+    """The bench_limits rows as text: what, ours, floor, ratio, goal."""
+    lines = [f'{"row":<62} {"ours":>10} {"floor":>10} {"ratio":>8}  goal']
+    for x in r['limits']:
+        memory = 'RSS' in x['what']
+        ours = fmt_bytes(x['ours']) if memory else fmt_time(x['ours'])
+        floor = '-' if x['floor'] is None else fmt_time(x['floor'])
+        ratio = '-' if x['ratio'] is None else f'{x["ratio"]:.2f}x'
+        lines.append(f'{x["what"]:<62} {ours:>10} {floor:>10} {ratio:>8}  {x["goal"]}')
+    return '\n'.join(lines) + '\n' + machine_line(r['machine']) + '\n'
 
 
 def _label_bars(ax, bars, texts, color='black', inside=False) -> None:
@@ -554,6 +608,9 @@ def write_all(results: dict, out: Path) -> None:
     plot_digest(results, out / 'digest.png')
     plot_workflow(results, out / 'workflow.png')
     plot_pickles(results, out / 'pickles.png')
+    if 'limits' in results:
+        plot_limits(results, out / 'limits.png')
+        (out / 'limits.txt').write_text(limits_table(results))
     (out / 'summary.txt').write_text(summary(results))
     (out / 'formats.txt').write_text(formats_table(results))
 
