@@ -15,7 +15,7 @@ from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
-from .digest import READ_ERRORS, image_digest
+from .digest import READ_ERRORS, _Memo, image_digest
 from .export import ContentChanged, Plan, choose_plan, export_image
 from .fileid import path_id
 from .provenance import source_files
@@ -39,6 +39,8 @@ logger = logging.getLogger('nipype_nibtrack')
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+-]+')
 _STEM_MAX = 80  # with the longest extension and the manifest's '.json', far below 255 bytes
 _ATTEMPTS = 3
+# (image digest, accepted formats) -> the Target its content is written as
+_targets = _Memo(4096)
 _READ_ERRORS = READ_ERRORS
 
 
@@ -141,7 +143,10 @@ def _check_image(img: Any) -> None:
 def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     """Raise if ``img`` cannot become a file that a reader of ``formats`` accepts.
 
-    What an input that takes images checks when it is given one, before anything runs.
+    What an input that takes images checks when it is given one, before anything runs:
+    exactly what resolving it would refuse (a clean image in an accepted format is
+    handed over as is; any other is planned as it would be written, see
+    :func:`~nipype_nibtrack.export.choose_plan`).
 
     Raises
     ------
@@ -161,7 +166,10 @@ def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     ValueError: cannot write this Nifti1Image of float32 data exactly in any of the accepted ...
     """
     _check_image(img)
-    choose_plan(img, normalise_formats(formats))
+    accepted = normalise_formats(formats)
+    if cleanliness(img).reason is None and _accepted(img.get_filename(), accepted):
+        return  # handed over by its own file: nothing is written
+    choose_plan(img, accepted)
 
 
 def image_label(img: Any) -> str:
@@ -264,10 +272,22 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
         raise _read_error(img, err) from err
     if _identities(files) != before:  # the digest may mix two versions of the file
         raise _SourceChanged
-    chosen = choose_plan(img, accepted)
-    name, handed = _entry_names(_stem(img), chosen.target.ext)
     # the default store is looked up only now: clean images never need one
-    path, written = (store or get_store()).put(
+    store = store or get_store()
+    # The digest decides the content, so the target it was planned for: a rerun finds
+    # its entry without planning the write again
+    known = _targets.get((digest, accepted))
+    if known is not None:
+        name, handed = _entry_names(_stem(img), known.ext)
+        found = store.lookup(digest, name)
+        if found is not None:
+            resolution = Resolution(str(found.with_name(handed)), 'reused', reason)
+            logger.debug('%s', resolution.describe())
+            return resolution
+    chosen = choose_plan(img, accepted)
+    _targets.put((digest, accepted), chosen.target)
+    name, handed = _entry_names(_stem(img), chosen.target.ext)
+    path, written = store.put(
         digest, name, lambda tmp: _write(img, chosen, tmp, digest, files, before)
     )
     path = path.with_name(handed)
