@@ -301,13 +301,16 @@ def plan(img: Any, target: Target) -> Plan:
             raise _refuse(img, target, f'nibabel writes it only as {klass.valid_exts}')
         return Plan(target, None, None, np.dtype('u1'), False, b'', meta)
     tag, values, src, raw = data_source(img)
-    with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
-        header = klass.header_class.from_header(img.header)
     shape = tuple(int(n) for n in img.shape)
+    # The image to write, holding a placeholder that takes no memory: its header is
+    # nibabel's own conversion of the image's (from_header, then update_header)
+    placeholder = np.broadcast_to(np.zeros((), np.uint8), shape)
     try:
-        header.set_data_shape(shape)
+        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
+            out = klass(placeholder, img.affine, img.header)
     except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
         raise _refuse(img, target, f'its shape {shape} ({err})') from None
+    header = out.header
     scaling = (1.0, 0.0)
     scaled = None
     if raw:
@@ -350,9 +353,6 @@ def plan(img: Any, target: Target) -> Plan:
                 f'its {shown} values do not all survive any dtype {target.ext} stores; '
                 f'formats that hold {shown}: {_holding(shown)}',
             )
-    out_dtype = header.get_data_dtype()
-    out = klass(np.broadcast_to(np.zeros((), out_dtype), shape), img.affine, header)
-    out.header.set_data_dtype(out_dtype)
     if hasattr(out.header, 'set_slope_inter'):  # MGH has no scaling
         out.header.set_slope_inter(*scaling)
     _carry_exact_affine(out, img.affine)
