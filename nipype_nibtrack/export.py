@@ -122,15 +122,19 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
         formats would hold it.
     """
     reasons = []
-    for target in _candidates(img, formats):
-        try:
-            return plan(img, target)
-        except _Refused as err:
-            reasons.append(str(err))
+    # nibabel logs the fixes it makes converting headers (NIfTI-1 to NIfTI-2): noise here
+    with LoggingOutputSuppressor():
+        for target in _candidates(img, formats):
+            try:
+                return plan(img, target)
+            except _Refused as err:
+                reasons.append(str(err))
+        holding = [
+            t.ext
+            for t in _candidates(img, None)
+            if t.ext not in (formats or ()) and _holds(img, t)
+        ]
     dtype = getattr(img, 'get_data_dtype', lambda: None)()
-    holding = [
-        t.ext for t in _candidates(img, None) if t.ext not in (formats or ()) and _holds(img, t)
-    ]
     asked = list(formats) if formats is not None else 'its own format'
     what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
     raise ValueError(
@@ -190,7 +194,10 @@ def _survives(values: np.ndarray, dtype: np.dtype) -> bool:
         return True
     with np.errstate(all='ignore'), warnings.catch_warnings():
         warnings.simplefilter('ignore', np.exceptions.ComplexWarning)  # answered below
-        back = values.astype(dtype).astype(values.dtype)
+        try:
+            back = values.astype(dtype).astype(values.dtype)
+        except (TypeError, ValueError):  # RGB to a number, and back: no such cast
+            return False
     return np.array_equal(_raw_bytes(back), _raw_bytes(values))
 
 
@@ -331,18 +338,22 @@ def plan(img: Any, target: Target) -> Plan:
         if _supports(header, asked):
             header.set_data_dtype(asked)
     asked = header.get_data_dtype()
+    declared = asked if alias is not None else np.dtype(img.get_data_dtype())
     # A float dtype the image itself declares for the float array it was given: the
     # user asked for that cast (nib.save makes the same). Never for an edited cache.
     users_choice = (
         isinstance(values, np.ndarray)
         and values is img.dataobj
-        and _le(asked) == _le(img.get_data_dtype())
+        and _le(asked) == _le(declared)
         and asked.kind == 'f'
         and shown.kind == 'f'
     )
     if not users_choice and (scaled is not None or _le(asked) != _le(src) or not raw):
         scan_raw = raw and scaled is None
-        for dtype in (header.get_data_dtype(), shown, np.dtype(np.float32)):
+        # the image's own dtype first (MGH converts any other header to float32), then
+        # the values' dtype, then the target header's, then float32 (MGH stores no f8)
+        tried = (declared, shown, header.get_data_dtype(), np.dtype(np.float32))
+        for dtype in dict.fromkeys(np.dtype(d) for d in tried):
             if _supports(header, dtype) and _all_survive(values, shown, dtype, scan_raw):
                 header.set_data_dtype(dtype)
                 break

@@ -305,3 +305,43 @@ def test_dirty_files_are_written_byte_identical_to_nib_save(ext, stored, slope, 
     assert ours.read_bytes() == theirs.read_bytes()
     if ext == '.img':
         assert ours.with_suffix('.hdr').read_bytes() == theirs.with_suffix('.hdr').read_bytes()
+
+
+_RGB = np.dtype([('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+
+
+def _extreme(dtype: np.dtype) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if dtype == _RGB:
+        out = np.zeros((3, 4, 5), _RGB)
+        out['R'] = rng.integers(0, 256, (3, 4, 5))
+        return out
+    if dtype.kind in 'iu':
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, (3, 4, 5), dtype=dtype, endpoint=True)
+    if dtype.kind == 'f':
+        return (rng.standard_normal((3, 4, 5)) * np.finfo(dtype).max / 10).astype(dtype)
+    return (rng.standard_normal((3, 4, 5)) + 1j * rng.standard_normal((3, 4, 5))).astype(dtype)
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.mgh', '.mgz'])
+@pytest.mark.parametrize(
+    'dtype', ['u1', 'i1', 'u2', 'i2', 'u4', 'i4', 'u8', 'i8', 'f4', 'f8', 'c8', 'c16', _RGB]
+)
+def test_every_conversion_is_exact_or_refused(dtype, ext, tmp_path):
+    """Extreme values of every dtype nibabel writes, to every format: exact, or refused."""
+    values = _extreme(np.dtype(dtype))
+    img = nib.Nifti1Image(values, np.eye(4), dtype=values.dtype)
+    try:
+        path = nt.as_filename(img, formats=[ext], store=nt.Store(tmp_path))
+    except ValueError as err:
+        assert str(values.dtype) in str(err) and 'would hold it: .nii' in str(err)
+        return
+    got = np.asanyarray(nib.load(path).dataobj)
+    if values.dtype.fields is not None:
+        assert got.dtype == values.dtype and got.tobytes() == values.tobytes()
+        return
+    native = values.dtype.newbyteorder('=')
+    assert np.ascontiguousarray(got.astype(native)).tobytes() == values.astype(native).tobytes()
+    # and nothing was rounded on the way: the written dtype holds the values as they are
+    assert np.ascontiguousarray(values.astype(got.dtype)).tobytes() == got.tobytes()
