@@ -42,6 +42,9 @@ _VERSION = b'nipype_nibtrack-digest-%d' % DIGEST_VERSION
 #: Voxels are hashed in blocks of about this size: they fit in cache, and memory use
 #: stays flat whatever the image's size.
 BLOCK_BYTES = 1 << 22
+#: A slab gathered into Fortran order at once: larger slabs read each cache line of a
+#: C-ordered array fewer times; memory stays bounded by this.
+_GATHER_BYTES = 4 * BLOCK_BYTES
 _TILE_BYTES = 1 << 17  # a tile of a transposing gather: fits in L2
 _TILE_ROWS = 8  # at least this many contiguous elements per inner loop
 # What reading voxel data from a damaged, truncated or vanished file raises
@@ -64,7 +67,7 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
     store voxels, so that a file is hashed as it is read and an image as it is written.
     An F-contiguous array is cut into views (no copy unless ``copy``: then each block
     is a snapshot in a reused buffer); any other layout is gathered in slabs along its
-    last axis (at most :data:`BLOCK_BYTES` each). A block is valid until the next one
+    last axis (at most 16 MiB each). A block is valid until the next one
     is asked for.
 
     Examples
@@ -91,11 +94,11 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
             yield part
         return
     slab = arr[..., 0].nbytes
-    if slab > BLOCK_BYTES:
+    if slab > _GATHER_BYTES:
         for j in range(arr.shape[-1]):
             yield from f_blocks(arr[..., j], copy=copy)
         return
-    step = max(1, BLOCK_BYTES // max(1, slab))
+    step = max(1, _GATHER_BYTES // max(1, slab))
     # Gather each slab in tiles along the first axis: a tile's reads and writes stay in
     # cache, about three times faster than one transposing copy of the slab.
     across = max(1, slab // max(1, arr.shape[0]))  # bytes per index of the first axis
