@@ -320,7 +320,7 @@ def _extreme(dtype: np.dtype) -> np.ndarray:
         info = np.iinfo(dtype)
         return rng.integers(info.min, info.max, (3, 4, 5), dtype=dtype, endpoint=True)
     if dtype.kind == 'f':
-        return (rng.standard_normal((3, 4, 5)) * np.finfo(dtype).max / 10).astype(dtype)
+        return (rng.uniform(-1, 1, (3, 4, 5)) * (np.finfo(dtype).max / 2)).astype(dtype)
     return (rng.standard_normal((3, 4, 5)) + 1j * rng.standard_normal((3, 4, 5))).astype(dtype)
 
 
