@@ -378,6 +378,10 @@ def plan(img: Any, target: Target) -> Plan:
                 f'a reader of {target.ext} would get another affine (the format stores it '
                 'in float32 or as zooms and directions); NIfTI-2 (.nii) holds it exactly',
             )
+    if snapshot(img) != snap:
+        # header or affine edited while the output header was made from them: what was
+        # hashed (meta) may not be what would be written
+        raise ContentChanged('the header or affine changed while the write was planned')
     return Plan(target, out, values, np.dtype(src), raw, tag, meta, scaled, users_choice)
 
 

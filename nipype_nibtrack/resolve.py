@@ -16,7 +16,7 @@ from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
 from .digest import READ_ERRORS, _Memo, image_digest
-from .export import ContentChanged, Plan, choose_plan, export_image
+from .export import ContentChanged, Plan, _Refused, choose_plan, export_image
 from .fileid import path_id
 from .provenance import source_files
 from .rules import cleanliness
@@ -169,6 +169,12 @@ def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     accepted = normalise_formats(formats)
     if cleanliness(img).reason is None and _accepted(img.get_filename(), accepted):
         return  # handed over by its own file: nothing is written
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            choose_plan(img, accepted)
+            return
+        except ContentChanged:  # another thread edits its header: look again
+            continue
     choose_plan(img, accepted)
 
 
@@ -284,7 +290,10 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
             resolution = Resolution(str(found.with_name(handed)), 'reused', reason)
             logger.debug('%s', resolution.describe())
             return resolution
-    chosen = choose_plan(img, accepted)
+    try:
+        chosen = choose_plan(img, accepted)
+    except ContentChanged as err:
+        raise _SourceChanged from err
     _targets.put((digest, accepted), chosen.target)
     name, handed = _entry_names(_stem(img), chosen.target.ext)
     path, written = store.put(
@@ -322,7 +331,8 @@ def _write(
     """
     try:
         written = export_image(img, chosen.target, tmp)  # planned again: the image now
-    except ContentChanged as err:
+    except (ContentChanged, _Refused) as err:
+        # planned again from the image as it is now: refused only if it changed since
         raise _SourceChanged from err
     except HeaderDataError as err:
         raise ValueError(

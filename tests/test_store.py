@@ -438,3 +438,63 @@ def test_manifest_hashes_are_those_of_the_files_written(ext, tmp_path):
     manifest = json.loads((path.parent / f'.{image}.json').read_text())
     for name, xxh3 in manifest['xxh3'].items():
         assert xxh3 == xxhash.xxh3_128((path.parent / name).read_bytes()).hexdigest(), name
+
+
+def test_an_entry_holds_its_key_while_another_thread_edits_the_header(tmp_path):
+    """Header and affine edits racing the write never give an entry another header."""
+    import threading
+
+    store = Store(tmp_path / 'store')
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4))
+    stop = threading.Event()
+
+    def edit():
+        value = 0
+        while not stop.is_set():
+            value += 1
+            img.header['descrip'] = str(value).encode()
+            img.affine[0, 3] = value
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    paths = []
+    try:
+        for _ in range(30):
+            with contextlib.suppress(nt.ImageReadError):  # kept changing: refused, allowed
+                paths.append(nt.as_filename(img, store=store))
+    finally:
+        stop.set()
+        editor.join()
+    assert paths
+    for path in paths:
+        written = nib.load(path)
+        # the image as it was when this entry was written, rebuilt from the entry
+        again = nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4))
+        again.header['descrip'] = written.header['descrip']
+        again.affine[0, 3] = written.affine[0, 3]
+        assert nt.image_digest(again) == Path(path).parent.name, 'header not the key'
+
+
+def test_a_header_edit_while_the_write_is_planned_is_never_stored_under_the_old_key(
+    tmp_path, monkeypatch
+):
+    """The edit lands between the snapshot that is hashed and the header that is written."""
+    import nipype_nibtrack.export as export_mod
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), 'f4'), np.eye(4))
+    real = export_mod.data_source
+    # export's calls: choose_plan's plan, then the write's own plan: the edit lands there
+    edits = iter([None, b'edited while written'])
+
+    def edit_then_read(image):
+        edit = next(edits, None)
+        if edit is not None:
+            image.header['descrip'] = edit
+        return real(image)
+
+    monkeypatch.setattr(export_mod, 'data_source', edit_then_read)
+    path = Path(nt.as_filename(img, store=Store(tmp_path)))
+    monkeypatch.undo()
+    written = nib.load(path)
+    assert written.header['descrip'] == img.header['descrip']
+    assert path.parent.name == nt.image_digest(img)
