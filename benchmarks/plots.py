@@ -132,6 +132,10 @@ def measure() -> dict:
         results['formats'] = bench_core.measure_formats(work)
         print('digests ...', flush=True)
         results['digest'] = {n: bench_core.measure_digest(n, md5=True) for n in DIGEST_SIZES}
+    import bench_limits
+
+    print('against the physical floor (bench_limits) ...', flush=True)
+    results['limits'] = bench_limits.measure()
     config.set('execution', 'hash_method', 'timestamp')
     try:
         print('workflow first run and rerun ...', flush=True)
@@ -331,6 +335,57 @@ def plot_digest(r: dict, path: Path) -> None:
         fontsize=12.5,
     )
     _finish(fig, m, path)
+
+
+def _goal_ratio(goal: str) -> float | None:
+    """The ratio a goal names, if any.
+
+    >>> _goal_ratio('<= 0.8x nib.save'), _goal_ratio('<= 2x xxh3-128'), _goal_ratio('flat')
+    (0.8, 2.0, None)
+    """
+    for word in goal.split():
+        if word.endswith('x'):
+            try:
+                return float(word[:-1])
+            except ValueError:
+                continue
+    return None
+
+
+def plot_limits(r: dict, path: Path) -> None:
+    """Each bench_limits row with a floor: ours / floor, with the goal's ratio marked."""
+    m = r['machine']
+    rows = [x for x in r['limits'] if x.get('ratio')]
+    fig, ax = plt.subplots(figsize=(11, 0.45 * len(rows) + 1.8))
+    ys = list(range(len(rows)))[::-1]
+    goals = [_goal_ratio(x['goal']) for x in rows]
+    for y, x, goal in zip(ys, rows, goals, strict=True):
+        met = goal is None or x['ratio'] <= goal
+        ax.barh(y, x['ratio'], color=OURS if met else BASE, height=0.6)
+        ax.text(x['ratio'] * 1.08, y, f'{x["ratio"]:.2f}{X}', va='center', fontsize=9)
+        if goal is not None:
+            ax.plot([goal, goal], [y - 0.42, y + 0.42], color='black', lw=2)
+    ax.set_yticks(ys, [x['what'] for x in rows], fontsize=9)
+    ax.set_xscale('log')
+    ax.set_xlim(0.3, max(x['ratio'] for x in rows) * 3)
+    ax.axvline(1, color=GREY, lw=1, ls=':')
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}{X}'))
+    ax.set_xlabel('ours / floor, both measured in this run (log scale); black: the goal')
+    ax.set_title('Against the physical floor: blue meets its goal, red does not', fontsize=12.5)
+    _finish(fig, m, path)
+
+
+def limits_table(r: dict) -> str:
+    """The bench_limits rows as text: what, ours, floor, ratio, goal."""
+    lines = [f'{"row":<62} {"ours":>10} {"floor":>10} {"ratio":>8}  goal']
+    for x in r['limits']:
+        memory = 'RSS' in x['what']
+        ours = fmt_bytes(x['ours']) if memory else fmt_time(x['ours'])
+        floor = '-' if x['floor'] is None else fmt_time(x['floor'])
+        ratio = '-' if x['ratio'] is None else f'{x["ratio"]:.2f}x'
+        lines.append(f'{x["what"]:<62} {ours:>10} {floor:>10} {ratio:>8}  {x["goal"]}')
+    lines.append('bench_limits: best of repeats; memory rows: peak RSS above what was resident')
+    return '\n'.join(lines) + '\n' + machine_line(r['machine']) + '\n'
 
 
 def _label_bars(ax, bars, texts, color='black', inside=False) -> None:
@@ -554,6 +609,9 @@ def write_all(results: dict, out: Path) -> None:
     plot_digest(results, out / 'digest.png')
     plot_workflow(results, out / 'workflow.png')
     plot_pickles(results, out / 'pickles.png')
+    if 'limits' in results:
+        plot_limits(results, out / 'limits.png')
+        (out / 'limits.txt').write_text(limits_table(results))
     (out / 'summary.txt').write_text(summary(results))
     (out / 'formats.txt').write_text(formats_table(results))
 

@@ -8,8 +8,11 @@ Voxels are streamed in blocks, so no float64 copy of a proxy is ever made.
 
 from __future__ import annotations
 
+import sys
 import threading
+import zlib
 from collections import OrderedDict
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -21,10 +24,91 @@ from nibabel.gifti import GiftiImage
 from .fileid import fd_id, path_id
 from .snapshot import ProxySpec, proxy_spec, snapshot
 
-__all__ = ['array_digest', 'data_digest', 'edited_cache', 'image_digest', 'update_with_array']
+__all__ = [
+    'DIGEST_VERSION',
+    'array_digest',
+    'data_digest',
+    'edited_cache',
+    'f_blocks',
+    'held_cache',
+    'image_digest',
+    'proxy_blocks',
+    'update_with_array',
+]
 
-_VERSION = b'nipype_nibtrack-digest-1'
-_BLOCK_BYTES = 1 << 24
+#: Version of the digest's definition: part of every digest, and of the store's layout.
+DIGEST_VERSION = 2
+_VERSION = b'nipype_nibtrack-digest-%d' % DIGEST_VERSION
+#: Voxels are hashed in blocks of about this size: they fit in cache, and memory use
+#: stays flat whatever the image's size.
+BLOCK_BYTES = 1 << 22
+#: A slab gathered into Fortran order at once: larger slabs read each cache line of a
+#: C-ordered array fewer times; memory stays bounded by this.
+_GATHER_BYTES = 4 * BLOCK_BYTES
+_TILE_BYTES = 1 << 17  # a tile of a transposing gather: fits in L2
+_TILE_ROWS = 8  # at least this many contiguous elements per inner loop
+# What reading voxel data from a damaged, truncated or vanished file raises
+READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+
+
+def _little(arr: np.ndarray) -> np.ndarray:
+    """``arr`` with little-endian bytes, so that a digest does not depend on the machine."""
+    if arr.dtype.isnative and sys.byteorder == 'little':
+        return arr
+    if arr.dtype.byteorder in ('<', '|') and arr.dtype.fields is None:
+        return arr
+    return arr.astype(arr.dtype.newbyteorder('<'))
+
+
+def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
+    """The values of ``arr`` in Fortran order, as contiguous blocks of bytes.
+
+    The canonical traversal of every digest: the order in which NIfTI, Analyze and MGH
+    store voxels, so that a file is hashed as it is read and an image as it is written.
+    An F-contiguous array is cut into views (no copy unless ``copy``: then each block
+    is a snapshot in a reused buffer); any other layout is gathered in slabs along its
+    last axis (at most 16 MiB each). A block is valid until the next one
+    is asked for.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> a = np.arange(24, dtype='<i4').reshape(2, 3, 4)
+    >>> b''.join(bytes(b) for b in f_blocks(a)) == a.tobytes(order='F')
+    True
+    """
+    arr = np.asanyarray(arr)
+    if isinstance(arr, np.ma.MaskedArray) or type(arr) is not np.ndarray:
+        arr = np.asarray(arr)
+    if arr.ndim == 1 and not arr.flags.f_contiguous:
+        arr = np.ascontiguousarray(arr)
+    if arr.ndim == 0 or arr.flags.f_contiguous:
+        flat = _little(arr).reshape(-1, order='F').view(np.uint8)
+        step = BLOCK_BYTES - BLOCK_BYTES % max(1, arr.dtype.itemsize)
+        buffer = np.empty(min(step, flat.size), np.uint8) if copy else None
+        for start in range(0, flat.size, step):
+            part = flat[start : start + step]
+            if buffer is not None:  # one buffer, reused: no page faults per block
+                np.copyto(buffer[: part.size], part)
+                part = buffer[: part.size]
+            yield part
+        return
+    slab = arr[..., 0].nbytes
+    if slab > _GATHER_BYTES:
+        for j in range(arr.shape[-1]):
+            yield from f_blocks(arr[..., j], copy=copy)
+        return
+    step = max(1, _GATHER_BYTES // max(1, slab))
+    # Gather each slab in tiles along the first axis: a tile's reads and writes stay in
+    # cache, about three times faster than one transposing copy of the slab.
+    across = max(1, slab // max(1, arr.shape[0]))  # bytes per index of the first axis
+    rows = max(_TILE_ROWS, _TILE_BYTES // (across * step))
+    out = np.empty((min(step, arr.shape[-1]), *arr.shape[-2:0:-1], arr.shape[0]), arr.dtype)
+    for j in range(0, arr.shape[-1], step):
+        part = out[: min(step, arr.shape[-1] - j)]
+        for i in range(0, arr.shape[0], rows):
+            part[..., i : i + rows] = arr[i : i + rows, ..., j : j + step].T
+        yield _little(part).reshape(-1).view(np.uint8)
 
 
 def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:
@@ -44,28 +128,8 @@ def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:
     True
     """
     arr = np.asanyarray(arr)
-    if order == 'F':
-        arr = arr.T
-    if arr.ndim == 0 or arr.flags.c_contiguous:
-        hasher.update(np.ascontiguousarray(arr).view(np.uint8).reshape(-1))
-        return
-    rows = max(1, _BLOCK_BYTES // max(1, arr[0].nbytes))
-    block = np.empty((min(rows, arr.shape[0]), *arr.shape[1:]), arr.dtype)
-    for start in range(0, arr.shape[0], rows):
-        part = block[: min(rows, arr.shape[0] - start)]
-        _copy_blocked(part, arr[start : start + rows])
-        hasher.update(part.view(np.uint8).reshape(-1))
-
-
-def _copy_blocked(dst: np.ndarray, src: np.ndarray) -> None:
-    # Copying a Fortran-ordered source in tiles along its last axis keeps reads
-    # within cache lines: about twice as fast as one np.copyto here.
-    if src.ndim < 2:
-        np.copyto(dst, src)
-        return
-    step = 64
-    for j in range(0, src.shape[-1], step):
-        dst[..., j : j + step] = src[..., j : j + step]
+    for block in f_blocks(arr.T if order == 'C' else arr):
+        hasher.update(block)
 
 
 class _Memo:
@@ -112,8 +176,16 @@ def _proxy_key(spec: ProxySpec | None, *variant: Any) -> tuple | None:
 
 
 def _dtype_key(dtype: np.dtype) -> str:
-    # dtype.str of a structured dtype (RGB) is '|V3': its fields must count too
+    # byte order is normalised (blocks are little-endian); a structured dtype (RGB) is
+    # '|V3' in dtype.str: its fields must count too
+    dtype = np.dtype(dtype).newbyteorder('<')
     return dtype.str if dtype.fields is None else repr(dtype.descr)
+
+
+def _hasher(dtype: np.dtype, shape: tuple) -> Any:
+    hasher = xxhash.xxh3_128()
+    hasher.update(repr((_dtype_key(dtype), tuple(int(n) for n in shape))).encode())
+    return hasher
 
 
 def array_digest(arr: np.ndarray, order: str = 'C') -> str:
@@ -123,19 +195,98 @@ def array_digest(arr: np.ndarray, order: str = 'C') -> str:
     >>> a = np.arange(6.0).reshape(2, 3)
     >>> array_digest(a) == array_digest(np.asfortranarray(a)) != array_digest(a, 'F')
     True
+    >>> array_digest(a, 'F') == array_digest(a.astype('>f8'), 'F')  # any byte order
+    True
     """
-    hasher = xxhash.xxh3_128()
-    hasher.update(repr((_dtype_key(arr.dtype), tuple(int(n) for n in arr.shape))).encode())
-    update_with_array(hasher, arr, order)
+    arr = np.asanyarray(arr)
+    view = arr.T if order == 'C' else arr
+    hasher = _hasher(arr.dtype, view.shape)
+    for block in f_blocks(view):
+        hasher.update(block)
     return hasher.hexdigest()
+
+
+def _streams_file(dataobj: Any) -> bool:
+    """True for a proxy whose stored values lie in its file in Fortran order."""
+    return (
+        isinstance(dataobj, ArrayProxy)
+        and not isinstance(dataobj, AFNIArrayProxy)
+        and dataobj.order == 'F'
+    )
+
+
+def proxy_blocks(dataobj: Any, dtype: Any = None, *, raw: bool = False) -> Iterator[np.ndarray]:
+    """Blocks of a data object's values in Fortran order, as :func:`f_blocks` gives them.
+
+    ``raw``: the stored values, read straight from the file in blocks (never the whole
+    array, never a float copy); else the values ``np.asanyarray(dataobj, dtype)`` shows,
+    computed a slab at a time with nibabel's own scaling.
+
+    Raises
+    ------
+    EOFError
+        The file is shorter than the proxy's shape says.
+    """
+    if raw and _streams_file(dataobj):
+        yield from _file_blocks(dataobj)
+        return
+    if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
+        shape = dataobj.shape
+        if len(shape) == 0:
+            yield from f_blocks(_proxy_slab(dataobj, (), dtype, raw))
+            return
+        slab = dataobj.dtype.itemsize * max(1, int(np.prod(shape[:-1])))
+        step = max(1, (4 * BLOCK_BYTES) // slab)
+        for j in range(0, shape[-1], step):
+            slicer = (Ellipsis, slice(j, j + step))
+            yield from f_blocks(_proxy_slab(dataobj, slicer, dtype, raw))
+        return
+    yield from f_blocks(np.asanyarray(dataobj.get_unscaled() if raw else dataobj, dtype=dtype))
+
+
+def _proxy_slab(dataobj: ArrayProxy, slicer: tuple, dtype: Any, raw: bool) -> np.ndarray:
+    if raw:
+        return np.asanyarray(dataobj._get_unscaled(slicer))
+    # what ArrayProxy.__array__(dtype) computes, restricted to the slab
+    return np.asanyarray(dataobj._get_scaled(dtype=dtype, slicer=slicer))
+
+
+def _file_blocks(dataobj: ArrayProxy) -> Iterator[np.ndarray]:
+    """The stored bytes of an F-ordered proxy, read sequentially into one buffer."""
+    dtype = dataobj.dtype
+    total = int(np.prod(dataobj.shape, dtype=np.int64)) * dtype.itemsize
+    step = BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize
+    buffer = np.empty(min(step, max(total, 1)), np.uint8)
+    swap = dtype.byteorder == '>' or (dtype.byteorder == '=' and sys.byteorder == 'big')
+    with dataobj._get_fileobj() as fileobj, dataobj._lock:
+        fileobj.seek(dataobj.offset)
+        done = 0
+        while done < total:
+            want = min(step, total - done)
+            view = memoryview(buffer)[:want]
+            got = 0
+            while got < want:
+                n = fileobj.readinto(view[got:])
+                if not n:
+                    raise EOFError(
+                        f'Expected {total} bytes of voxel data, got {done + got}: the file '
+                        'is shorter than its header says'
+                    )
+                got += n
+            block = buffer[:want]
+            if swap:
+                block = block.view(dtype).byteswap().view(np.uint8)
+            yield block
+            done += want
 
 
 def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool = False) -> str:
     """Digest of ``np.asanyarray(dataobj, dtype)`` (of the stored values with ``raw``),
     read once per file identity.
 
-    A proxy's digest is memoised per file identity (device, inode, size, mtime, ctime),
-    so hashing or checking an image again costs no read.
+    Equal to :func:`array_digest` of the same values. A proxy is read in blocks (raw
+    values straight from its file) and its digest memoised per file identity (device,
+    inode, size, mtime, ctime), so hashing or checking an image again costs no read.
 
     Examples
     --------
@@ -147,11 +298,29 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
     key = _proxy_key(spec, str(dtype), order, raw)
     if key is not None and (hit := _proxy_digests.get(key)) is not None:
         return hit
-    arr = dataobj.get_unscaled() if raw else np.asanyarray(dataobj, dtype=dtype)
-    digest = array_digest(arr, order)
+    if order == 'C' or not isinstance(dataobj, ArrayProxy) or isinstance(dataobj, AFNIArrayProxy):
+        arr = dataobj.get_unscaled() if raw else np.asanyarray(dataobj, dtype=dtype)
+        digest = array_digest(arr, order)
+    else:
+        out_dtype = dataobj.dtype if raw else _shown_dtype(dataobj, dtype)
+        hasher = _hasher(out_dtype, dataobj.shape)
+        for block in proxy_blocks(dataobj, dtype, raw=raw):
+            hasher.update(block)
+        digest = hasher.hexdigest()
     if key is not None and _proxy_key(proxy_spec(dataobj), str(dtype), order, raw) == key:
         _proxy_digests.put(key, digest)  # the file did not change while it was read
     return digest
+
+
+def _shown_dtype(dataobj: Any, dtype: Any) -> np.dtype:
+    """The dtype ``np.asanyarray(dataobj, dtype)`` has, computed without reading data."""
+    if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
+        return np.asanyarray(dataobj._get_scaled(dtype=dtype, slicer=_empty(dataobj))).dtype
+    return np.asanyarray(dataobj, dtype=dtype).dtype
+
+
+def _empty(dataobj: ArrayProxy) -> tuple:
+    return tuple(slice(0, 0) for _ in dataobj.shape) or ()
 
 
 def edited_cache(img: Any) -> np.ndarray | None:
@@ -182,25 +351,78 @@ def edited_cache(img: Any) -> np.ndarray | None:
     return None
 
 
-def _feed_data(hasher: Any, img: Any) -> None:
-    cache = edited_cache(img)
+def held_cache(img: Any) -> np.ndarray | None:
+    """The data cache that stands for what ``img`` holds, or None to read its data object.
+
+    An edited cache (see :func:`edited_cache`); or any cache when the data object can no
+    longer be read (its file deleted or truncated): every voxel the image shows is
+    still in memory, and nothing is lost by writing it from there.
+
+    Examples
+    --------
+    >>> import os, tempfile, numpy as np, nibabel as nib
+    >>> path = os.path.join(tempfile.mkdtemp(), 'gone.nii')
+    >>> nib.save(nib.Nifti1Image(np.ones((2, 2, 2), 'f4'), np.eye(4)), path)
+    >>> img = nib.load(path)
+    >>> data = img.get_fdata()
+    >>> os.unlink(path)
+    >>> held_cache(img) is data
+    True
+    """
+    try:
+        return edited_cache(img)
+    except READ_ERRORS:
+        for name in ('_fdata_cache', '_data_cache'):
+            cache = getattr(img, name, None)
+            if cache is not None and cache is not img.dataobj:
+                return cache
+        raise
+
+
+def data_source(img: Any) -> tuple[bytes, Any, Any, bool]:
+    """(tag, values, dtype, raw) of the voxels ``img`` holds: what digests and writes read.
+
+    ``values`` is an edited or orphaned cache (an array), else the data object; ``raw``
+    says the stored values are meant (their scaling is in ``tag``).
+    """
+    cache = held_cache(img)
     if cache is not None:
-        hasher.update(b'edited-cache' + array_digest(cache, 'C').encode())
-        return
+        return b'edited-cache', cache, cache.dtype, False
     dataobj = img.dataobj
     if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
         # Stored values and their scaling determine the scaled values; hashing them
         # avoids a float copy. Unscaled stored values hash like the same array in memory.
         slope, inter = float(dataobj.slope), float(dataobj.inter)
-        if (slope, inter) != (1.0, 0.0):
-            hasher.update(repr(('scaled', slope, inter)).encode())
-        hasher.update(data_digest(dataobj, raw=True).encode())
-    else:
-        hasher.update(data_digest(dataobj).encode())
+        tag = b'' if (slope, inter) == (1.0, 0.0) else repr(('scaled', slope, inter)).encode()
+        return tag, dataobj, dataobj.dtype, True
+    return b'', dataobj, None, False
+
+
+def meta_digest(img: Any, snap: Any = None) -> Any:
+    """A hasher fed with the version, class, header, extensions, affine and alias."""
+    snap = snapshot(img) if snap is None else snap
+    hasher = xxhash.xxh3_128()
+    hasher.update(_VERSION)
+    hasher.update(type(img).__name__.encode())
+    for part in (snap.header, snap.extensions, snap.affine, (snap.alias or '').encode()):
+        hasher.update(b'\0' if part is None else len(part).to_bytes(8, 'little') + part)
+    return hasher
+
+
+def finish_digest(meta: Any, tag: bytes, data_hex: str) -> str:
+    """The image digest from its meta hasher, data tag and data digest."""
+    hasher = meta.copy()
+    hasher.update(tag)
+    hasher.update(data_hex.encode())
+    return hasher.hexdigest()
 
 
 def image_digest(img: Any) -> str:
     """Content digest of an image: format, header, extensions, affine and voxels.
+
+    Voxels are hashed in Fortran order in blocks (:func:`f_blocks`): as fast for a
+    file-backed image (read straight from its file, never whole) as for an array in
+    memory, and equal whatever the array's layout, the process or the machine.
 
     Parameters
     ----------
@@ -223,16 +445,17 @@ def image_digest(img: Any) -> str:
     >>> image_digest(a) == image_digest(b)
     False
     """
-    hasher = xxhash.xxh3_128()
-    hasher.update(_VERSION)
     if isinstance(img, GiftiImage):
         # No header, affine or dataobj: the XML holds the whole image, data included
+        hasher = xxhash.xxh3_128()
+        hasher.update(_VERSION)
         hasher.update(b'GiftiImage')
         hasher.update(img.to_xml())
         return hasher.hexdigest()
-    snap = snapshot(img)
-    hasher.update(type(img).__name__.encode())
-    for part in (snap.header, snap.extensions, snap.affine, (snap.alias or '').encode()):
-        hasher.update(b'\0' if part is None else len(part).to_bytes(8, 'little') + part)
-    _feed_data(hasher, img)
-    return hasher.hexdigest()
+    meta = meta_digest(img)
+    tag, values, dtype, raw = data_source(img)
+    if isinstance(values, np.ndarray) and not raw:
+        data_hex = array_digest(values, 'F')
+    else:
+        data_hex = data_digest(values, dtype if not raw else None, 'F', raw=raw)
+    return finish_digest(meta, tag, data_hex)

@@ -8,22 +8,48 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 
 from __future__ import annotations
 
+import io
 import os
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import nibabel as nib
 import numpy as np
+import xxhash
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIArrayProxy
 from nibabel.cifti2 import Cifti2Image
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
+from nibabel.imageglobals import LoggingOutputSuppressor
 from nibabel.nifti1 import Nifti1Pair
+from nibabel.volumeutils import apply_read_scaling, seek_tell
 
-from .digest import edited_cache
+from .digest import (
+    _hasher as _data_hasher,
+)
+from .digest import (
+    data_source,
+    f_blocks,
+    finish_digest,
+    held_cache,
+    meta_digest,
+    proxy_blocks,
+)
+from .snapshot import snapshot
 
-__all__ = ['Target', 'choose_target', 'export_image']
+__all__ = [
+    'ContentChanged',
+    'Plan',
+    'Target',
+    'Written',
+    'choose_plan',
+    'choose_target',
+    'export_image',
+    'plan',
+    'write_plan',
+]
 
 
 @dataclass(frozen=True)
@@ -55,18 +81,86 @@ def _family(img: Any) -> tuple[type, tuple[str, ...]]:
     if isinstance(img, _NIFTI2):
         return nib.Nifti2Image, ('.nii', '.nii.gz')
     if isinstance(img, MGHImage):
-        if _mgh_holds(img):
-            return MGHImage, ('.mgh', '.mgz')
-        return nib.Nifti1Image, ('.nii', '.nii.gz')  # values that need float64
+        return MGHImage, ('.mgh', '.mgz')
     return nib.Nifti1Image, ('.nii', '.nii.gz')
 
 
+_PAIRS = {nib.Nifti1Image: nib.Nifti1Pair, nib.Nifti2Image: nib.Nifti2Pair}
+
+
+def _candidates(img: Any, formats: tuple[str, ...] | None) -> list[Target]:
+    """Targets to try, in order: the image's own family, NIfTI-1, NIfTI-2, the rest."""
+    family, exts = _family(img)
+    found = [Target(family, ext) for ext in exts if formats is None or ext in formats]
+    if family in (GiftiImage, Cifti2Image):
+        return found
+    accepted = list(_BY_EXT) if formats is None else [f for f in formats if f in _BY_EXT]
+    for ext in ('.nii', '.nii.gz'):
+        if ext in accepted:
+            found += [Target(nib.Nifti1Image, ext), Target(nib.Nifti2Image, ext)]
+    for ext in accepted:
+        klass = _BY_EXT[ext]
+        if klass is nib.Nifti1Pair:
+            found += [Target(nib.Nifti1Pair, ext), Target(nib.Nifti2Pair, ext)]
+        elif klass is not nib.Nifti1Image:
+            found.append(Target(klass, ext))
+    unique: list[Target] = []
+    for target in found:
+        if target not in unique and (family is not nib.Nifti2Image or target.klass in _NIFTI2):
+            unique.append(target)
+    return unique
+
+
+def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
+    """The plan of the first target (see :func:`choose_target`) that holds ``img`` exactly.
+
+    Raises
+    ------
+    ValueError
+        No accepted format holds the image exactly; the message names the image's
+        class and dtype, the formats asked for, why each was refused and which
+        formats would hold it.
+    """
+    reasons = []
+    # nibabel logs the fixes it makes converting headers (NIfTI-1 to NIfTI-2): noise here
+    with LoggingOutputSuppressor():
+        for target in _candidates(img, formats):
+            try:
+                return plan(img, target)
+            except _Refused as err:
+                reasons.append(str(err))
+        holding = [
+            t.ext
+            for t in _candidates(img, None)
+            if t.ext not in (formats or ()) and _holds(img, t)
+        ]
+    dtype = getattr(img, 'get_data_dtype', lambda: None)()
+    asked = list(formats) if formats is not None else 'its own format'
+    what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
+    raise ValueError(
+        f'cannot write this {what} exactly in any of the accepted formats {asked}'
+        + (f' ({"; ".join(reasons)})' if reasons else f'; nibabel writes {sorted(_BY_EXT)}')
+        + '. Formats that would hold it: '
+        + (', '.join(dict.fromkeys(holding)) or 'none')
+    )
+
+
+def _holds(img: Any, target: Target) -> bool:
+    try:
+        plan(img, target)
+    except _Refused:
+        return False
+    return True
+
+
 def choose_target(img: Any, formats: tuple[str, ...] | None) -> Target:
-    """Pick the format a dirty image is written in.
+    """Pick the format a dirty image is written in: the first that holds it exactly.
 
     The image's own family (NIfTI-2, CIFTI-2, MGH) when the caller accepts one of its
-    extensions, else NIfTI-1; uncompressed before compressed (writing ``.nii`` is ~10x
-    faster than ``.nii.gz``); else the first accepted extension nibabel can write.
+    extensions, else NIfTI-1, then NIfTI-2 (float64 affines), then any other accepted
+    format; uncompressed before compressed (writing ``.nii`` is ~10x faster than
+    ``.nii.gz``). A target that cannot hold every value, the affine or the shape
+    exactly is skipped (see :func:`plan`): what this accepts, :func:`export_image` writes.
 
     Examples
     --------
@@ -79,26 +173,11 @@ def choose_target(img: Any, formats: tuple[str, ...] | None) -> Target:
     >>> choose_target(nib.MGHImage(np.zeros((2, 2, 2), 'f4'), np.eye(4)), ('.nii',)).klass
     <class 'nibabel.nifti1.Nifti1Image'>
     """
-    family, exts = _family(img)
-    for ext in exts:
-        if formats is None or ext in formats:
-            return Target(family, ext)
-    if family is GiftiImage:  # a surface has no volume format to be converted to
-        raise ValueError(f'a GiftiImage can only be written as .gii, not as any of {formats}')
-    for ext in ('.nii', '.nii.gz'):
-        if ext in formats:
-            klass = family if family in _NIFTI2 else nib.Nifti1Image
-            return Target(klass, ext)
-    for ext in formats:
-        if ext in _BY_EXT:
-            klass = _BY_EXT[ext]
-            if family is nib.Nifti2Image and klass is nib.Nifti1Pair:
-                klass = nib.Nifti2Pair
-            return Target(klass, ext)
-    raise ValueError(
-        f'cannot write a {type(img).__name__} in any of the accepted formats {formats}; '
-        f'nibabel writes {sorted(_BY_EXT)}'
-    )
+    return choose_plan(img, formats).target
+
+
+class ContentChanged(Exception):
+    """The image changed while it was written: what was written is not what was planned."""
 
 
 def _survives(values: np.ndarray, dtype: np.dtype) -> bool:
@@ -113,8 +192,12 @@ def _survives(values: np.ndarray, dtype: np.dtype) -> bool:
     """
     if dtype == values.dtype:
         return True
-    with np.errstate(all='ignore'):
-        back = values.astype(dtype).astype(values.dtype)
+    with np.errstate(all='ignore'), warnings.catch_warnings():
+        warnings.simplefilter('ignore', np.exceptions.ComplexWarning)  # answered below
+        try:
+            back = values.astype(dtype).astype(values.dtype)
+        except (TypeError, ValueError):  # RGB to a number, and back: no such cast
+            return False
     return np.array_equal(_raw_bytes(back), _raw_bytes(values))
 
 
@@ -130,74 +213,320 @@ def _supports(header: Any, dtype: np.dtype) -> bool:
     return True
 
 
-def _exact_dtype(values: np.ndarray, header: Any) -> np.dtype:
-    """The header's dtype when every value survives it bit for bit, else the values' own,
-    else float32 when exact (MGH stores no float64).
+def _value_blocks(values: Any, dtype: Any, raw: bool, *, copy: bool = False):
+    """Blocks (Fortran order, little-endian bytes) of the values a plan writes from."""
+    if isinstance(values, np.ndarray):
+        return f_blocks(values, copy=copy)
+    if raw or (isinstance(values, ArrayProxy) and not isinstance(values, AFNIArrayProxy)):
+        return proxy_blocks(values, dtype, raw=raw)
+    return f_blocks(np.asanyarray(values, dtype=dtype))
+
+
+def _le(dtype: np.dtype) -> np.dtype:
+    return np.dtype(dtype).newbyteorder('<')
+
+
+def _all_survive(values: Any, src: np.dtype, dtype: np.dtype, raw: bool) -> bool:
+    """True when every value (read a block at a time) survives ``dtype`` bit for bit."""
+    if _le(dtype) == _le(src):
+        return True
+    return all(
+        _survives(block.view(_le(src)), np.dtype(dtype))
+        for block in _value_blocks(values, None, raw)
+    )
+
+
+def _holding(src: np.dtype) -> str:
+    """Which writable formats could hold values of dtype ``src`` exactly."""
+    found = []
+    for ext, klass in _BY_EXT.items():
+        if _supports(klass.header_class(), src):
+            found.append(ext)
+    return ', '.join(found) if found else 'none that nibabel writes (convert the values first)'
+
+
+@dataclass
+class Plan:
+    """Everything :func:`export_image` writes, decided before a byte is written.
+
+    ``out`` is the image to write, holding a placeholder of the right shape and dtype
+    (no memory); ``values``/``raw``/``src`` say where the voxels come from (the source
+    :func:`~nipype_nibtrack.digest.data_source` names, hashed as they are written).
+    """
+
+    target: Target
+    out: Any
+    values: Any
+    src: np.dtype
+    raw: bool
+    tag: bytes
+    meta: Any
+    scaled: Any = None  # the proxy whose scaling is applied to raw blocks as written
+    cast: bool = False  # the image's own float dtype, narrower than its array: cast
+
+
+class _Refused(ValueError):
+    """The target cannot hold what the image holds."""
+
+
+def _refuse(img: Any, target: Target, why: str) -> _Refused:
+    return _Refused(f'a {type(img).__name__} cannot be written as {target.ext} exactly: {why}')
+
+
+def plan(img: Any, target: Target) -> Plan:
+    """Decide how ``img`` is written as ``target``, or refuse: every conversion is exact.
+
+    Voxels are written in a dtype that holds every value bit for bit, with the stored
+    scaling when it is kept; the affine a reader of the file gets must equal the
+    image's, bit for bit; a dtype or number of dimensions the format cannot store is
+    refused.
 
     Raises
     ------
     ValueError
-        When the header's format can hold the values in none of these.
+        ``target`` cannot hold the image exactly; the message says why.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.full((2, 2, 2), 1e300), np.eye(4))
+    >>> try:
+    ...     plan(img, Target(nib.MGHImage, '.mgz'))
+    ... except ValueError as err:
+    ...     print(str(err).split(': ')[1].split(';')[0])
+    its float64 values do not all survive any dtype .mgz stores
     """
-    for dtype in (header.get_data_dtype(), values.dtype, np.dtype(np.float32)):
-        if _supports(header, dtype) and _survives(values, dtype):
-            return dtype
-    raise ValueError(
-        f'a {type(header).__name__} cannot store these {values.dtype} values exactly; '
-        'accept .nii or .nii.gz'
-    )
-
-
-def _float_values(img: Any, header: Any) -> np.ndarray | None:
-    """The values of a data object giving floats that the header would store as integers."""
-    if header.get_data_dtype().kind not in 'iu' or getattr(img, '_dtype_alias', None):
-        return None
-    dataobj = img.dataobj
-    if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
-        if (dataobj.slope, dataobj.inter) == (1.0, 0.0) and dataobj.dtype.kind in 'iub':
-            return None  # the file's own integers
-    elif isinstance(dataobj, np.ndarray) and dataobj.dtype.kind in 'iub':
-        return None
-    values = np.asanyarray(dataobj)
-    return values if values.dtype.kind == 'f' else None
-
-
-def _data_and_header(img: Any, target: type) -> tuple[Any, Any, tuple[float, float] | None]:
-    """Data to write, header to start from, and scaling to keep (None: let nibabel pick)."""
-    header = target.header_class.from_header(img.header)
-    dataobj = img.dataobj
-    scaled = isinstance(dataobj, ArrayProxy) and (dataobj.slope, dataobj.inter) != (1.0, 0.0)
-    cache = edited_cache(img)
-    if cache is not None:
-        header.set_data_dtype(_exact_dtype(np.asarray(cache), header))
-        return cache, header, (1.0, 0.0)
-    if (
-        scaled
-        and not isinstance(dataobj, AFNIArrayProxy)
-        and header.get_data_dtype() == dataobj.dtype
-        and hasattr(header, 'set_slope_inter')
+    klass = target.klass
+    if isinstance(img, Cifti2Image) != (klass is Cifti2Image) or (
+        isinstance(img, GiftiImage) != (klass is GiftiImage)
     ):
-        # Write the stored integers with their own scaling: re-deriving it moves values
-        return dataobj.get_unscaled(), header, (float(dataobj.slope), float(dataobj.inter))
-    values = _float_values(img, header)
-    if values is not None:
-        # Per-slice or per-volume scaling (PAR/REC, MINC, AFNI) or floats in memory under
-        # an integer dtype: one slope re-derived by nibabel would move the values
-        header.set_data_dtype(_exact_dtype(values, header))
-        return values, header, (1.0, 0.0)
-    return dataobj, header, None
-
-
-def _mgh_holds(img: Any) -> bool:
-    """True when MGH (at most float32) can hold exactly what ``img`` would write."""
+        raise _refuse(img, target, f'nibabel cannot convert it to a {klass.__name__}')
+    snap = snapshot(img) if klass is not GiftiImage else None
+    meta = meta_digest(img, snap) if snap is not None else None
+    if klass in (GiftiImage, Cifti2Image):
+        if target.ext not in klass.valid_exts:
+            raise _refuse(img, target, f'nibabel writes it only as {klass.valid_exts}')
+        return Plan(target, None, None, np.dtype('u1'), False, b'', meta)
+    tag, values, src, raw = data_source(img)
+    shape = tuple(int(n) for n in img.shape)
+    # The image to write, holding a placeholder that takes no memory: its header is
+    # nibabel's own conversion of the image's (from_header, then update_header)
+    placeholder = np.broadcast_to(np.zeros((), np.uint8), shape)
     try:
-        _data_and_header(img, MGHImage)
-    except ValueError:
-        return False
-    return True
+        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
+            out = klass(placeholder, img.affine, img.header)
+    except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
+        raise _refuse(img, target, f'its shape {shape} ({err})') from None
+    header = out.header
+    scaling = (1.0, 0.0)
+    scaled = None
+    if raw:
+        slope, inter = float(values.slope), float(values.inter)
+        keeps = (slope, inter) == (1.0, 0.0) or hasattr(header, 'set_slope_inter')
+        if keeps and _le(header.get_data_dtype()) == _le(src) and _supports(header, src):
+            scaling = (slope, inter)
+        else:
+            # Scaling the target cannot store: hash the stored values, write them scaled
+            scaled = values
+    if src is None:  # PARREC, MINC, AFNI: read as the digest reads them
+        values = np.asanyarray(values)
+        src = values.dtype
+    shown = _scaled_dtype(scaled) if scaled is not None else np.dtype(src)
+    alias = getattr(img, '_dtype_alias', None)
+    if alias is not None:  # 'compat', 'smallest': decided from the values, as nib.save does
+        asked = _finalized_alias(img, values, alias)
+        if _supports(header, asked):
+            header.set_data_dtype(asked)
+    asked = header.get_data_dtype()
+    declared = asked if alias is not None else np.dtype(img.get_data_dtype())
+    # A float dtype the image itself declares for the float array it was given: the
+    # user asked for that cast (nib.save makes the same). Never for an edited cache.
+    users_choice = (
+        isinstance(values, np.ndarray)
+        and values is img.dataobj
+        and _le(asked) == _le(declared)
+        and asked.kind == 'f'
+        and shown.kind == 'f'
+    )
+    if not users_choice and (scaled is not None or _le(asked) != _le(src) or not raw):
+        scan_raw = raw and scaled is None
+        # the image's own dtype first (MGH converts any other header to float32), then
+        # the values' dtype, then the target header's, then float32 (MGH stores no f8)
+        tried = (declared, shown, header.get_data_dtype(), np.dtype(np.float32))
+        for dtype in dict.fromkeys(np.dtype(d) for d in tried):
+            if _supports(header, dtype) and _all_survive(values, shown, dtype, scan_raw):
+                header.set_data_dtype(dtype)
+                break
+        else:
+            raise _refuse(
+                img,
+                target,
+                f'its {shown} values do not all survive any dtype {target.ext} stores; '
+                f'formats that hold {shown}: {_holding(shown)}',
+            )
+    if hasattr(out.header, 'set_slope_inter'):  # MGH has no scaling
+        out.header.set_slope_inter(*scaling)
+    _carry_exact_affine(out, img.affine)
+    out.update_header()
+    if img.affine is not None:
+        reads = out.header.get_affine() if isinstance(out, MGHImage) else None
+        reads = out.header.get_best_affine() if reads is None else reads
+        if not np.array_equal(reads, np.asarray(img.affine, dtype=np.float64)):
+            raise _refuse(
+                img,
+                target,
+                f'a reader of {target.ext} would get another affine (the format stores it '
+                'in float32 or as zooms and directions); NIfTI-2 (.nii) holds it exactly',
+            )
+    if snapshot(img) != snap:
+        # header or affine edited while the output header was made from them: what was
+        # hashed (meta) may not be what would be written
+        raise ContentChanged('the header or affine changed while the write was planned')
+    return Plan(target, out, values, np.dtype(src), raw, tag, meta, scaled, users_choice)
 
 
-def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
+def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:
+    """The dtype nibabel's ``get_data_dtype(finalize=True)`` picks for ``alias``."""
+    probe = nib.Nifti1Image(np.asanyarray(values), None)
+    probe.set_data_dtype(alias)
+    return np.dtype(probe.get_data_dtype(finalize=True))
+
+
+def _scaled_dtype(dataobj: Any) -> np.dtype:
+    return np.asanyarray(dataobj._get_scaled(dtype=None, slicer=_empty_slicer(dataobj))).dtype
+
+
+def _apply_scaling(proxy: ArrayProxy, raw: np.ndarray) -> np.ndarray:
+    """What ``proxy._get_scaled(None, slicer)`` makes of the stored values ``raw``."""
+    slope, inter = np.asanyarray(proxy._slope), np.asanyarray(proxy._inter)
+    use = slope.dtype
+    if np.can_cast(inter, use):
+        inter = inter.astype(use)
+    return apply_read_scaling(raw.astype(raw.dtype.newbyteorder('=')), slope, inter)
+
+
+def _empty_slicer(dataobj: Any) -> tuple:
+    return tuple(slice(0, 0) for _ in dataobj.shape)
+
+
+def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
+    """Copy each block once, hash that copy, write it: what is hashed is what is written."""
+    out_dtype = p.out.header.get_data_dtype()
+    src = _le(p.src)
+    same = _le(out_dtype) == src and p.scaled is None
+    for block in _value_blocks(p.values, None, p.raw, copy=True):
+        hasher.update(block)
+        values = block.view(src)
+        if p.scaled is not None:
+            values = _apply_scaling(p.scaled, values)
+        if same:
+            data = values.astype(out_dtype, copy=False)
+        else:
+            with np.errstate(all='ignore'):
+                data = values.astype(out_dtype)
+            if not p.cast and not _survives(values, out_dtype):
+                raise ContentChanged('a value changed and no longer survives the dtype')
+        fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
+
+
+@dataclass(frozen=True)
+class Written:
+    """What :func:`write_plan` wrote: the content digest, and the xxh3-128 of the bytes of
+    each uncompressed file (by name), hashed as they were written."""
+
+    digest: str
+    files: dict
+
+
+class _HashingFile:
+    """A write-only file wrapper that hashes the bytes as they go to the file.
+
+    A forward seek counts as the zeros the file will hold; a backward seek makes the
+    hash unusable (``valid`` False), never wrong.
+    """
+
+    def __init__(self, fileobj: Any):
+        self._f = fileobj
+        self._pos = 0
+        self.hasher = xxhash.xxh3_128()
+        self.valid = True
+
+    def write(self, data: Any) -> int:
+        view = memoryview(data).cast('B')
+        self.hasher.update(view)
+        self._pos += view.nbytes
+        self._f.write(view)
+        return view.nbytes
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence != 0:
+            self.valid = False
+        elif offset > self._pos:
+            self.hasher.update(bytes(offset - self._pos))
+        elif offset < self._pos:
+            self.valid = False
+        self._pos = offset if whence == 0 else self._pos
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._f, name)
+
+
+def write_plan(p: Plan, path: str | os.PathLike) -> Written:
+    """Write ``p`` to ``path``; return the digest of what was written.
+
+    Header and voxels are written directly (no intermediate copy of the data): the
+    same bytes ``nib.save`` writes for the same content. The digest is computed from
+    the very blocks that were written, so it describes the file, whatever another
+    thread did to the image meanwhile.
+    """
+    out = p.out
+    path = os.fspath(path)
+    hasher = _data_hasher(p.src, out.shape)
+    file_map = out.filespec_to_file_map(path)
+    opened: dict[str, Any] = {}
+
+    def hashing(holder: Any) -> Any:
+        fileobj = holder.get_prepare_fileobj(mode='wb')
+        if type(getattr(fileobj, 'fobj', None)) is not io.BufferedWriter:
+            return fileobj  # compressed (.gz, .mgz): the bytes written are not the file's
+        wrapped = opened[os.path.basename(holder.filename)] = _HashingFile(fileobj)
+        return wrapped
+
+    if isinstance(out, MGHImage):
+        hdr = out.header
+        mghf = hashing(file_map['image'])
+        try:
+            hdr.writehdr_to(mghf)
+            seek_tell(mghf, hdr.get_data_offset(), write0=True)
+            _write_voxels(p, mghf, hasher)
+            hdr.writeftr_to(mghf)
+        finally:
+            mghf.close_if_mine()
+    else:
+        hdr = out.header
+        hdr_fh, img_fh = out._get_fileholders(file_map)
+        hdrf = hashing(hdr_fh)
+        same = hdr_fh.same_file_as(img_fh)
+        imgf = hdrf if same else hashing(img_fh)
+        try:
+            hdr.write_to(hdrf)
+            seek_tell(imgf, hdr.get_data_offset(), write0=True)
+            _write_voxels(p, imgf, hasher)
+        finally:
+            hdrf.close_if_mine()
+            if not same:
+                imgf.close_if_mine()
+    files = {name: f.hasher.hexdigest() for name, f in opened.items() if f.valid}
+    return Written(finish_digest(p.meta, p.tag, hasher.hexdigest()), files)
+
+
+def export_image(
+    img: Any, target: Target, path: str | os.PathLike, decided: Plan | None = None
+) -> Written | None:
     """Write exactly what ``img`` holds to ``path`` as ``target``; ``img`` is untouched.
 
     Parameters
@@ -207,11 +536,21 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
         Class and extension, usually from :func:`choose_target`.
     path : path-like
         New file name, ending with ``target.ext``.
+    decided : Plan, optional
+        The plan of ``target`` when already made (by :func:`choose_plan`).
 
     Returns
     -------
-    image
-        The new image object that was written.
+    Written or None
+        The digest of what was written (see :func:`write_plan`); None for GIFTI and
+        CIFTI-2, which nibabel writes itself (their XML is the content).
+
+    Raises
+    ------
+    ValueError
+        ``target`` cannot hold the image exactly.
+    ContentChanged
+        The image changed while it was written.
 
     Examples
     --------
@@ -225,32 +564,33 @@ def export_image(img: Any, target: Target, path: str | os.PathLike) -> Any:
     >>> img.get_filename() is None
     True
     """
-    klass = target.klass
-    if klass is GiftiImage:
+    p = plan(img, target) if decided is None else decided
+    if target.klass is GiftiImage:
         # to_file_map with a new map leaves img.file_map alone, unlike to_filename
         img.to_file_map(img.filespec_to_file_map(os.fspath(path)))
-        return img
-    if klass is Cifti2Image:
-        cache = edited_cache(img)
+        return None
+    if target.klass is Cifti2Image:
+        cache = held_cache(img)
+        dtype = None
+        if cache is not None:
+            dtype = next(
+                (
+                    d
+                    for d in (img.nifti_header.get_data_dtype(), cache.dtype)
+                    if _survives(np.asarray(cache), np.dtype(d))
+                ),
+                cache.dtype,
+            )
         out = Cifti2Image(
             img.dataobj if cache is None else cache,
             header=img.header,
             nifti_header=img.nifti_header,
             extra=img.extra,
-            dtype=None if cache is None else _exact_dtype(np.asarray(cache), img.nifti_header),
+            dtype=dtype,
         )
         out.to_filename(os.fspath(path))
-        return out
-    data, header, scaling = _data_and_header(img, klass)
-    out = klass(data, img.affine, header)
-    if scaling is not None and hasattr(out.header, 'set_slope_inter'):  # MGH has no scaling
-        out.header.set_slope_inter(*scaling)
-    _carry_exact_affine(out, img.affine)
-    alias = getattr(img, '_dtype_alias', None)
-    if alias is not None and hasattr(out, '_dtype_alias'):
-        out.set_data_dtype(alias)
-    out.to_filename(os.fspath(path))
-    return out
+        return None
+    return write_plan(p, path)
 
 
 def _carry_exact_affine(out: Any, affine: np.ndarray | None) -> None:

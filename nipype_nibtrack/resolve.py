@@ -7,7 +7,6 @@ import logging
 import os
 import re
 import stat
-import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -17,9 +16,9 @@ from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.spatialimages import HeaderDataError
 
-from .digest import image_digest
-from .export import Target, choose_target, export_image
-from .fileid import all_settled, kernel_path, path_id
+from .digest import READ_ERRORS, _Memo, image_digest
+from .export import ContentChanged, Plan, _Refused, choose_plan, export_image
+from .fileid import kernel_path, path_id
 from .provenance import bound_source, main_path, source_files
 from .rules import cleanliness
 from .snapshot import proxy_spec
@@ -41,8 +40,9 @@ logger = logging.getLogger('nipype_nibtrack')
 _UNSAFE = re.compile(r'[^A-Za-z0-9._+-]+')
 _STEM_MAX = 80  # with the longest extension and the manifest's '.json', far below 255 bytes
 _ATTEMPTS = 3
-# What reading voxel data from a damaged, truncated or vanished file raises
-_READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
+# (image digest, accepted formats) -> the Target its content is written as
+_targets = _Memo(4096)
+_READ_ERRORS = READ_ERRORS
 
 
 class ImageReadError(OSError):
@@ -146,7 +146,10 @@ def _check_image(img: Any) -> None:
 def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     """Raise if ``img`` cannot become a file that a reader of ``formats`` accepts.
 
-    What an input that takes images checks when it is given one, before anything runs.
+    What an input that takes images checks when it is given one, before anything runs:
+    exactly what resolving it would refuse (a clean image in an accepted format is
+    handed over as is; any other is planned as it would be written, see
+    :func:`~nipype_nibtrack.export.choose_plan`).
 
     Raises
     ------
@@ -163,10 +166,19 @@ def check_image(img: Any, formats: Iterable[str] | str | None = None) -> None:
     >>> check_image(img, ['.txt'])
     Traceback (most recent call last):
     ...
-    ValueError: cannot write a Nifti1Image in any of the accepted formats ('.txt',); ...
+    ValueError: cannot write this Nifti1Image of float32 data exactly in any of the accepted ...
     """
     _check_image(img)
-    choose_target(img, normalise_formats(formats))
+    accepted = normalise_formats(formats)
+    if cleanliness(img).reason is None and _accepted(img.get_filename(), accepted):
+        return  # handed over by its own file: nothing is written
+    for _ in range(_ATTEMPTS - 1):
+        try:
+            choose_plan(img, accepted)
+            return
+        except ContentChanged:  # another thread edits its header: look again
+            continue
+    choose_plan(img, accepted)
 
 
 def image_label(img: Any) -> str:
@@ -295,27 +307,65 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
         raise _read_error(img, err) from err
     if _identities(files) != before:  # the digest may mix two versions of the file
         raise _SourceChanged
-    target = choose_target(img, accepted)
     # the default store is looked up only now: clean images never need one
-    path, written = (store or get_store()).put(
-        digest,
-        _stem(img) + target.ext,
-        lambda tmp: _write(img, target, tmp, digest, files, before),
+    store = store or get_store()
+    # The digest decides the content, so the target it was planned for: a rerun finds
+    # its entry without planning the write again
+    known = _targets.get((digest, accepted))
+    if known is not None:
+        name, handed = _entry_names(_stem(img), known.ext)
+        found = store.lookup(digest, name)
+        if found is not None:
+            resolution = Resolution(str(found.with_name(handed)), 'reused', reason)
+            logger.debug('%s', resolution.describe())
+            return resolution
+    try:
+        chosen = choose_plan(img, accepted)
+    except ContentChanged as err:
+        raise _SourceChanged from err
+    _targets.put((digest, accepted), chosen.target)
+    name, handed = _entry_names(_stem(img), chosen.target.ext)
+    path, written = store.put(
+        digest, name, lambda tmp: _write(img, chosen, tmp, digest, files, before)
     )
+    path = path.with_name(handed)
     resolution = Resolution(str(path), 'written' if written else 'reused', reason)
     logger.debug('%s', resolution.describe())
     return resolution
 
 
+def _entry_names(stem: str, ext: str) -> tuple[str, str]:
+    """(name the entry is stored under, name handed out) for a file of extension ``ext``.
+
+    A NIfTI pair is one entry whatever half is asked for: it is stored under its image
+    file, and the header is handed out beside it, so that asking for ``.hdr`` after
+    ``.img`` reuses the entry instead of seeing an entry without a manifest.
+
+    >>> _entry_names('brain', '.hdr'), _entry_names('brain', '.nii')
+    (('brain.img', 'brain.hdr'), ('brain.nii', 'brain.nii'))
+    """
+    image = {'.hdr': '.img', '.hdr.gz': '.img.gz'}.get(ext, ext)
+    return stem + image, stem + ext
+
+
 def _write(
-    img: Any, target: Target, tmp: str, digest: str, files: tuple[str, ...], before: dict
-) -> None:
-    """Export ``img``; refuse the result if its files changed since it was digested."""
+    img: Any, chosen: Plan, tmp: str, digest: str, files: tuple[str, ...], before: dict
+) -> dict:
+    """Export ``img``; refuse the result unless it is what ``digest`` describes.
+
+    Voxels written by :func:`~nipype_nibtrack.export.write_plan` are hashed as they are
+    written: an image that changed since it was digested (another thread editing its
+    array, its file rewritten) yields another digest, and the entry is discarded and
+    resolved again. Returns the xxh3 of the files' bytes, for the store's manifest.
+    """
     try:
-        export_image(img, target, tmp)
+        written = export_image(img, chosen.target, tmp)  # planned again: the image now
+    except (ContentChanged, _Refused) as err:
+        # planned again from the image as it is now: refused only if it changed since
+        raise _SourceChanged from err
     except HeaderDataError as err:
         raise ValueError(
-            f'nibabel cannot write this {type(img).__name__} as {target.ext}: {err}'
+            f'nibabel cannot write this {type(img).__name__} as {chosen.target.ext}: {err}'
         ) from err
     except Exception as err:
         if _identities(files) != before:
@@ -323,10 +373,11 @@ def _write(
         raise
     if _identities(files) != before:  # what was written may not be what was digested
         raise _SourceChanged
-    if not all_settled(before.values()) and image_digest(img) != digest:
-        # a same-size rewrite within one clock tick leaves the identity unchanged: for
-        # files that recent, read them again (their digests are not memoised anyway)
+    # GIFTI, CIFTI-2: nibabel wrote them from the object; digest it again
+    got = image_digest(img) if written is None else written.digest
+    if got != digest:
         raise _SourceChanged
+    return {} if written is None else written.files
 
 
 def resolve(

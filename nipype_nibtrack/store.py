@@ -3,7 +3,8 @@
 Layout under the store root::
 
     objects/ab/ab12...ef/<stem><ext>         the image (plus .hdr for pairs)
-    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry
+    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry,
+                                             and the version of the digest that keyed it
     tmp/<digest>.<random>/                   writes in progress
     locks/<digest>.lock                      flock: exclusive to write or delete, shared to use
 
@@ -45,7 +46,7 @@ from pathlib import Path
 
 import xxhash
 
-from .digest import _Memo
+from .digest import DIGEST_VERSION, _Memo
 from .fileid import FileId
 
 __all__ = [
@@ -203,6 +204,8 @@ class Store:
 
     def _error(self, err: OSError, doing: str) -> StoreError:
         """A StoreError naming the store, the cause and what to do."""
+        if err.errno in (errno.ENOTDIR, errno.EEXIST) and (problem := self._root_problem()):
+            return problem
         cause = err.strerror or str(err)
         if err.errno in _SPACE:
             advice = (
@@ -222,7 +225,30 @@ class Store:
             err.errno, f'{doing} in the image store at {self.root} failed: {cause}. {advice}'
         )
 
+    def _root_problem(self) -> StoreError | None:
+        """A StoreError when the root, or a folder above it, exists but is no directory."""
+        for path in (self.root, *self.root.parents):
+            try:
+                st = os.stat(path)  # the root itself may be a link to a directory
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            except OSError:
+                return None
+            if stat.S_ISDIR(st.st_mode):
+                return None
+            what = 'the store root' if path == self.root else f'{path}, above the store root,'
+            return StoreError(
+                errno.ENOTDIR,
+                f'{what} is a file, not a directory, so the image store at {self.root} '
+                f'cannot be used. Set {ENV_VAR} (or nt.set_store) to a directory, or move '
+                f'that file away',
+            )
+        return None
+
     def _planted(self, path: Path) -> StoreError:
+        problem = self._root_problem()
+        if problem is not None:
+            return problem
         return StoreError(
             errno.ELOOP,
             f'{path} in the image store at {self.root} is a symbolic link or not a '
@@ -489,8 +515,10 @@ class Store:
         """Return the entry ``name`` of ``digest``, writing it with ``write(path)`` if needed.
 
         ``write`` writes the file(s) under the path it is given, in a private temporary
-        folder of the store. An ``OSError`` it raises that is the store's (no space,
-        read-only, permissions) becomes a :class:`StoreError`; anything else passes.
+        folder of the store; it may return ``{file name: xxh3-128 hex}`` of the bytes it
+        wrote, which the manifest then takes without reading the files again. An
+        ``OSError`` it raises that is the store's (no space, read-only, permissions)
+        becomes a :class:`StoreError`; anything else passes.
 
         Returns
         -------
@@ -526,7 +554,7 @@ class Store:
             raise self._error(err, f'writing {name}') from err
         try:
             try:
-                write(tmpdir / name)
+                result = write(tmpdir / name)
             except StoreError:
                 raise
             except OSError as err:
@@ -534,7 +562,7 @@ class Store:
                     raise
                 raise self._error(err, f'writing {name}') from err
             try:
-                self._publish(tmpdir, digest, name)
+                self._publish(tmpdir, digest, name, result if isinstance(result, dict) else {})
             except StoreError:
                 raise
             except OSError as err:
@@ -543,12 +571,21 @@ class Store:
             shutil.rmtree(tmpdir, ignore_errors=True)
         return entry / name
 
-    def _publish(self, tmpdir: Path, digest: str, name: str) -> None:
-        """Hash the files written in ``tmpdir``, write the manifest, link them into place."""
+    def _publish(self, tmpdir: Path, digest: str, name: str, known: dict) -> None:
+        """Hash the files written in ``tmpdir``, write the manifest, link them into place.
+
+        ``known`` maps file names to the xxh3 of the bytes the writer wrote (hashed as it
+        wrote them, in this process, into its private folder): those are not read again.
+        """
         tmp_fd = self._open_dir(tmpdir)
         try:
             files: dict[str, tuple[int, str]] = {}
             for fname in sorted(os.listdir(tmp_fd)):
+                if isinstance(known.get(fname), str) and _HEX.match(known[fname]):
+                    st = os.stat(fname, dir_fd=tmp_fd, follow_symlinks=False)
+                    if stat.S_ISREG(st.st_mode):
+                        files[fname] = (st.st_size, known[fname])
+                        continue
                 xxh3, ident = _file_xxh3(fname, tmp_fd)
                 if ident is None:
                     raise StoreError(
@@ -567,6 +604,7 @@ class Store:
             text = json.dumps(
                 {
                     'version': 2,
+                    'digest_version': DIGEST_VERSION,
                     'digest': digest,
                     'files': {f: v[0] for f, v in files.items()},
                     'xxh3': {f: v[1] for f, v in files.items()},
@@ -763,6 +801,11 @@ def _read_manifest(
     finally:
         os.close(fd)
     if data.get('digest', digest) != digest or not isinstance(files, dict) or name not in files:
+        return None
+    if data.get('digest_version', DIGEST_VERSION) != DIGEST_VERSION:
+        # keyed by another definition of the digest: never read as this one. (Entries
+        # older than this field have keys made with another digest prefix, which no
+        # digest of this version can equal: they are never reached.)
         return None
     if not isinstance(hashes, dict):
         return None

@@ -248,9 +248,10 @@ def _perturb(draw, data, affine):
 def _same_content(a, b) -> bool:
     (da, aa), (db, ab) = a, b
     return (
-        da.dtype == db.dtype
+        da.dtype.newbyteorder('<') == db.dtype.newbyteorder('<')  # byte order is not content
         and da.shape == db.shape
-        and np.ascontiguousarray(da).tobytes() == np.ascontiguousarray(db).tobytes()
+        and np.ascontiguousarray(da, da.dtype.newbyteorder('<')).tobytes()
+        == np.ascontiguousarray(db, db.dtype.newbyteorder('<')).tobytes()
         and aa.tobytes() == ab.tobytes()
     )
 
@@ -263,3 +264,79 @@ def test_digest_equal_iff_content_equal(data):
     digest_a = image_digest(nib.Nifti1Image(*a))
     digest_b = image_digest(nib.Nifti1Image(*b))
     assert (digest_a == digest_b) == _same_content(a, b)
+
+
+# --------------------------------------------------------------------------- canonical order
+
+
+_LAYOUT = st.sampled_from(['C', 'F', 'T', 'step', 'swap'])
+
+
+def _laid_out(values: np.ndarray, layout: str) -> np.ndarray:
+    """The same values in another memory layout (or byte order)."""
+    if layout == 'F':
+        return np.asfortranarray(values)
+    if layout == 'T':  # a transposed view of a C array: F-contiguous only if 1-D
+        return np.ascontiguousarray(np.moveaxis(values, 0, -1)).transpose(
+            -1, *range(values.ndim - 1)
+        )
+    if layout == 'step':  # a strided view
+        big = np.zeros((values.shape[0] * 2, *values.shape[1:]), values.dtype)
+        big[::2] = values
+        return big[::2]
+    if layout == 'swap':
+        return values.astype(values.dtype.newbyteorder('>'))
+    return np.ascontiguousarray(values)
+
+
+@settings(deadline=None, max_examples=80)
+@given(
+    values=hnp.arrays(
+        st.sampled_from(['f4', 'i2', 'u1', 'f8', 'c8']),
+        hnp.array_shapes(min_dims=1, max_dims=5, max_side=9),
+    ),
+    layout=_LAYOUT,
+)
+def test_blocks_are_the_fortran_bytes_whatever_the_layout(values, layout):
+    from nipype_nibtrack.digest import array_digest, f_blocks
+
+    laid = _laid_out(values, layout)
+    little = values.astype(values.dtype.newbyteorder('<'))
+    assert b''.join(bytes(b) for b in f_blocks(laid)) == little.tobytes(order='F')
+    assert array_digest(laid, 'F') == array_digest(values, 'F')
+
+
+@settings(deadline=None, max_examples=30)
+@given(
+    values=hnp.arrays(
+        st.sampled_from(['<f4', '>f4', '<i2', '>i4', 'u1']),
+        hnp.array_shapes(min_dims=3, max_dims=4, min_side=1, max_side=7),
+    ),
+    gz=st.booleans(),
+    slope=st.sampled_from([1.0, 0.5]),
+)
+def test_a_file_streamed_hashes_like_its_values_in_memory(tmp_path_factory, values, gz, slope):
+    """Raw values read from the file in blocks hash like np.asanyarray of the proxy."""
+    from nipype_nibtrack.digest import array_digest
+
+    folder = tmp_path_factory.mktemp('stream')
+    img = nib.Nifti1Image(values, np.eye(4))
+    img.header.set_slope_inter(slope, 0.0)
+    path = folder / ('x.nii.gz' if gz else 'x.nii')
+    nib.save(img, path)
+    proxy = nib.load(path).dataobj
+    raw = data_digest(proxy, None, 'F', raw=True)
+    assert raw == array_digest(proxy.get_unscaled(), 'F')
+    assert data_digest(proxy, None, 'F') == array_digest(np.asanyarray(proxy), 'F')
+    assert data_digest(proxy, 'f8', 'F') == array_digest(np.asanyarray(proxy, 'f8'), 'F')
+
+
+def test_a_truncated_file_raises_eoferror_while_streamed(tmp_path):
+    path = tmp_path / 'short.nii'
+    nib.save(nib.Nifti1Image(np.ones((8, 8, 8), 'f4'), np.eye(4)), path)
+    with open(path, 'r+b') as f:
+        f.truncate(1000)
+    img = nib.load(path)
+    img.header['descrip'] = b'edited'
+    with pytest.raises(EOFError):
+        image_digest(img)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -9,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+import nipype_nibtrack as nt
 from nipype_nibtrack.export import Target, choose_target, export_image
 from tests.conftest import (
     assert_same_bits,
@@ -21,7 +24,8 @@ from tests.conftest import (
 NII = Target(nib.Nifti1Image, '.nii')
 
 
-def _write(img, tmp_path, target=NII, name='out'):
+def _write(img, tmp_path, target=None, name='out'):
+    target = choose_target(img, ('.nii',)) if target is None else target
     path = tmp_path / f'{name}{target.ext}'
     export_image(img, target, path)
     return reload_exact(path)
@@ -41,7 +45,8 @@ def _write(img, tmp_path, target=NII, name='out'):
         ('mgz', ('.mgz', '.nii'), nib.MGHImage, '.mgz'),
         ('mgz', ('.nii.gz',), nib.Nifti1Image, '.nii.gz'),
         ('minc2', None, nib.Nifti1Image, '.nii'),
-        ('parrec', ('.mgz',), nib.MGHImage, '.mgz'),
+        # float64 values: not MGH; an affine from angulations: float64, so NIfTI-2
+        ('parrec', ('.mgz', '.nii.gz'), nib.Nifti2Image, '.nii.gz'),
         ('cifti2', None, nib.Cifti2Image, '.nii'),
         ('gifti', None, nib.GiftiImage, '.gii'),
     ],
@@ -144,14 +149,23 @@ def test_float_header_narrower_than_the_array_is_the_users_choice(tmp_path):
     ('target', 'exact'),
     [(NII, False), (Target(nib.Nifti2Image, '.nii'), True), (Target(nib.MGHImage, '.mgh'), False)],
 )
-def test_affine_edits_nibabel_would_drop_are_written(target, exact, tmp_path):
+def test_affine_edits_nibabel_would_drop_are_written_or_refused(target, exact, tmp_path):
     img = build_format('nifti2', tmp_path).load()
-    base = img.affine.copy()
     img.affine[1, 1] *= 1 + 3e-6  # within np.allclose: nib.save would ignore it
+    if not exact:  # float32 (NIfTI-1) or zooms and directions (MGH) cannot hold it
+        with pytest.raises(ValueError, match='another affine'):
+            _write(img, tmp_path, target)
+        return
     out = _write(img, tmp_path, target)
-    if exact:
-        assert np.array_equal(out.affine, img.affine)
-    assert abs(out.affine[1, 1] - img.affine[1, 1]) < abs(out.affine[1, 1] - base[1, 1])
+    assert np.array_equal(out.affine, img.affine)
+
+
+def test_a_float64_affine_goes_to_nifti2_when_nii_is_accepted(tmp_path):
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    img.affine[0, 3] = 0.1  # not a float32
+    assert choose_target(img, ('.nii',)) == Target(nib.Nifti2Image, '.nii')
+    with pytest.raises(ValueError, match=r"accepted formats \['.mgz'\].*would hold it: .nii"):
+        choose_target(img, ('.mgz',))
 
 
 def test_nib_save_alone_would_lose_these_edits(tmp_path):
@@ -199,3 +213,135 @@ def test_written_values_are_bitwise_equal_whatever_the_edit(
     img.get_fdata()[...] = values
     out = _write(img, tmp)
     assert np.array_equal(value_bits(out.get_fdata()), value_bits(values))
+
+
+# --------------------------------------------------------------------------- issue 9 / 12
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.mgh', '.mgz'])
+@pytest.mark.parametrize('order', ['C', 'F'])
+def test_written_files_are_byte_identical_to_nib_save(ext, order, tmp_path):
+    data = np.asarray(np.random.default_rng(0).random((5, 6, 7, 2)), 'f4', order=order)
+    img = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]))
+    target = choose_target(img, (ext,))
+    ours, theirs = tmp_path / f'ours{ext}', tmp_path / f'theirs{ext}'
+    export_image(img, target, ours)
+    nib.save(
+        target.klass(data, img.affine, target.klass.header_class.from_header(img.header)), theirs
+    )
+    assert ours.read_bytes() == theirs.read_bytes()
+
+
+@pytest.mark.parametrize(
+    ('values', 'formats'),
+    [
+        (np.full((2, 2, 2), 1e300), ['.mgz']),  # float64 -> inf in float32
+        (np.full((2, 2, 2), 2**24 + 1, 'i4'), ['.mgh']),  # no int32 above 2**24 in f4...
+        (np.full((2, 2, 2), 1 + 1j, 'c8'), ['.mgz']),
+        (np.full((2, 2, 2), 2**40 + 1, 'i8'), ['.mgz']),
+        (np.zeros((2, 2, 2, 2, 2), 'f4'), ['.mgh']),  # 5D
+    ],
+)
+def test_inexact_conversions_are_refused_naming_dtype_formats_and_holders(values, formats):
+    img = nib.Nifti1Image(values, np.eye(4), dtype=values.dtype)
+    if values.dtype == 'i4':
+        img = nib.Nifti1Image(values.astype('u4'), np.eye(4))  # MGH stores i4, not u4
+    with pytest.raises(ValueError) as err:
+        choose_target(img, tuple(formats))
+    text = str(err.value)
+    assert str(img.get_data_dtype()) in text and formats[0] in text
+    assert 'would hold it: .nii' in text
+
+
+def test_cifti2_is_refused_at_check_time_in_formats_export_cannot_write(tmp_path):
+    img = build_format('cifti2', tmp_path).load()
+    with pytest.raises(ValueError, match=r'Cifti2Image'):
+        nt.check_image(img, ['.nii.gz'])
+    nt.check_image(img, ['.nii'])
+
+
+def test_data_in_memory_is_written_when_the_file_is_gone(tmp_path):
+    path = tmp_path / 'gone.nii'
+    nib.save(nib.Nifti1Image(np.arange(24, dtype='i2').reshape(2, 3, 4), np.eye(4)), path)
+    img = nt.load(path)
+    shown = img.get_fdata().copy()
+    path.unlink()
+    out = nt.as_filename(img, store=nt.Store(tmp_path / 'store'))
+    assert_same_bits(nib.load(out).get_fdata(), shown)
+
+
+def test_data_in_memory_not_the_replacing_file_is_what_is_written(tmp_path):
+    path = tmp_path / 'replaced.nii'
+    nib.save(nib.Nifti1Image(np.ones((2, 3, 4), 'f4'), np.eye(4)), path)
+    img = nt.load(path)
+    shown = img.get_fdata().copy()
+    nib.save(nib.Nifti1Image(np.full((2, 3, 4), 7, 'f4'), np.eye(4)), tmp_path / 'other.nii')
+    os.replace(tmp_path / 'other.nii', path)
+    out = nt.as_filename(img, store=nt.Store(tmp_path / 'store'))
+    assert_same_bits(nib.load(out).get_fdata(), shown)
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.img', '.mgh'])
+@pytest.mark.parametrize(('stored', 'slope'), [('>f4', 1.0), ('<i2', 0.5), ('>i2', 2.0)])
+def test_dirty_files_are_written_byte_identical_to_nib_save(ext, stored, slope, tmp_path):
+    """Raw stored values streamed from the file, with their scaling, as nib.save writes."""
+    source = tmp_path / 'source.nii'
+    img = nib.Nifti1Image(np.arange(120).reshape(4, 5, 6).astype(stored), np.eye(4))
+    img.header.set_slope_inter(slope, 0.0)
+    nib.save(img, source)
+    img = nib.load(source)
+    img.header['descrip'] = b'edited'
+    target = choose_target(img, (ext,))
+    ours = tmp_path / f'ours{ext}'
+    export_image(img, target, ours)
+    assert_same_content(reload_exact(ours), img)
+    if target.klass is nib.MGHImage:
+        return  # MGH has no scaling: scaled values were written (content checked above)
+    header = target.klass.header_class.from_header(img.header)
+    out = target.klass(img.dataobj.get_unscaled(), img.affine, header)
+    out.header.set_slope_inter(slope, 0.0)
+    theirs = tmp_path / f'theirs{ext}'
+    nib.save(out, theirs)
+    assert ours.read_bytes() == theirs.read_bytes()
+    if ext == '.img':
+        assert ours.with_suffix('.hdr').read_bytes() == theirs.with_suffix('.hdr').read_bytes()
+
+
+_RGB = np.dtype([('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+
+
+def _extreme(dtype: np.dtype) -> np.ndarray:
+    rng = np.random.default_rng(0)
+    if dtype == _RGB:
+        out = np.zeros((3, 4, 5), _RGB)
+        out['R'] = rng.integers(0, 256, (3, 4, 5))
+        return out
+    if dtype.kind in 'iu':
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, info.max, (3, 4, 5), dtype=dtype, endpoint=True)
+    if dtype.kind == 'f':
+        return (rng.uniform(-1, 1, (3, 4, 5)) * (np.finfo(dtype).max / 2)).astype(dtype)
+    return (rng.standard_normal((3, 4, 5)) + 1j * rng.standard_normal((3, 4, 5))).astype(dtype)
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.mgh', '.mgz'])
+@pytest.mark.parametrize(
+    'dtype', ['u1', 'i1', 'u2', 'i2', 'u4', 'i4', 'u8', 'i8', 'f4', 'f8', 'c8', 'c16', _RGB]
+)
+def test_every_conversion_is_exact_or_refused(dtype, ext, tmp_path):
+    """Extreme values of every dtype nibabel writes, to every format: exact, or refused."""
+    values = _extreme(np.dtype(dtype))
+    img = nib.Nifti1Image(values, np.eye(4), dtype=values.dtype)
+    try:
+        path = nt.as_filename(img, formats=[ext], store=nt.Store(tmp_path))
+    except ValueError as err:
+        assert str(values.dtype) in str(err) and 'would hold it: .nii' in str(err)
+        return
+    got = np.asanyarray(nib.load(path).dataobj)
+    if values.dtype.fields is not None:
+        assert got.dtype == values.dtype and got.tobytes() == values.tobytes()
+        return
+    native = values.dtype.newbyteorder('=')
+    assert np.ascontiguousarray(got.astype(native)).tobytes() == values.astype(native).tobytes()
+    # and nothing was rounded on the way: the written dtype holds the values as they are
+    assert np.ascontiguousarray(values.astype(got.dtype)).tobytes() == got.tobytes()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
@@ -351,3 +352,149 @@ def test_set_store_overrides_and_resets(tmp_path):
     finally:
         nt.set_store(None)
     assert nt.get_store().root != tmp_path / 'chosen'
+
+
+# --------------------------------------------------------------------------- issue 9
+
+
+def test_a_store_root_that_is_a_file_is_named_as_the_problem(tmp_path):
+    root = tmp_path / 'store'
+    root.write_text('not a folder')
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    with pytest.raises(StoreError, match='store root is a file, not a directory') as err:
+        nt.as_filename(img, store=Store(root))
+    assert 'rm -r' not in str(err.value) and 'symbolic link' not in str(err.value)
+    assert root.read_text() == 'not a folder'
+
+
+def test_a_pair_asked_as_img_then_hdr_is_one_entry_never_relinked(tmp_path, caplog):
+    store = Store(tmp_path / 'store')
+    img = nib.Nifti1Image(np.arange(8, dtype='f4').reshape(2, 2, 2), np.eye(4))
+    as_img = Path(nt.as_filename(img, formats=['.img'], store=store))
+    before = os.stat(as_img)
+    with caplog.at_level('WARNING', logger='nipype_nibtrack'):
+        as_hdr = Path(nt.as_filename(img, formats=['.hdr'], store=store))
+    assert not caplog.records
+    assert as_hdr == as_img.with_suffix('.hdr') and as_hdr.exists()
+    after = os.stat(as_img)
+    assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+    assert_same_content(reload_exact(as_hdr), img)
+
+
+def test_old_digest_version_entries_are_never_read(tmp_path):
+    store = Store(tmp_path)
+    digest = 'ef' * 16
+    path, _ = store.put(digest, 'a.txt', lambda p: p.write_text('x'))
+    manifest = path.parent / '.a.txt.json'
+    text = manifest.read_text().replace('"digest_version": 2', '"digest_version": 1')
+    manifest.chmod(0o644)
+    manifest.unlink()
+    manifest.write_text(text)
+    assert store.lookup(digest, 'a.txt') is None
+
+
+def test_an_entry_always_holds_its_key_while_another_thread_edits(tmp_path):
+    """The bytes of every entry match its key, whatever another thread does meanwhile."""
+    import threading
+
+    store = Store(tmp_path / 'store')
+    data = np.zeros((64, 64, 64, 8), 'f4')
+    img = nib.Nifti1Image(data, np.eye(4))
+    stop = threading.Event()
+
+    def edit():
+        value = 0
+        while not stop.is_set():
+            value += 1
+            data[..., value % 8] = value
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    paths = []
+    try:
+        for _ in range(10):
+            with contextlib.suppress(nt.ImageReadError):  # kept changing: refused, allowed
+                paths.append(nt.as_filename(img, store=store))
+    finally:
+        stop.set()
+        editor.join()
+    for path in paths:
+        written = nib.load(path)
+        key = Path(path).parent.name
+        fresh = nib.Nifti1Image(np.asanyarray(written.dataobj), np.eye(4))
+        assert nt.image_digest(fresh) == key, 'an entry holds other bytes than its key'
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.img.gz', '.mgh', '.mgz'])
+def test_manifest_hashes_are_those_of_the_files_written(ext, tmp_path):
+    """The writer hashes the bytes as it writes them: the manifest must match the files."""
+    import json
+
+    import xxhash
+
+    img = nib.Nifti1Image(np.arange(60, dtype='f4').reshape(3, 4, 5), np.eye(4))
+    path = Path(nt.as_filename(img, formats=[ext], store=Store(tmp_path)))
+    image = path.name.replace('.hdr', '.img')
+    manifest = json.loads((path.parent / f'.{image}.json').read_text())
+    for name, xxh3 in manifest['xxh3'].items():
+        assert xxh3 == xxhash.xxh3_128((path.parent / name).read_bytes()).hexdigest(), name
+
+
+def test_an_entry_holds_its_key_while_another_thread_edits_the_header(tmp_path):
+    """Header and affine edits racing the write never give an entry another header."""
+    import threading
+
+    store = Store(tmp_path / 'store')
+    img = nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4))
+    stop = threading.Event()
+
+    def edit():
+        value = 0
+        while not stop.is_set():
+            value += 1
+            img.header['descrip'] = str(value).encode()
+            img.affine[0, 3] = value
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    paths = []
+    try:
+        for _ in range(30):
+            with contextlib.suppress(nt.ImageReadError):  # kept changing: refused, allowed
+                paths.append(nt.as_filename(img, store=store))
+    finally:
+        stop.set()
+        editor.join()
+    assert paths
+    for path in paths:
+        written = nib.load(path)
+        # the image as it was when this entry was written, rebuilt from the entry
+        again = nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4))
+        again.header['descrip'] = written.header['descrip']
+        again.affine[0, 3] = written.affine[0, 3]
+        assert nt.image_digest(again) == Path(path).parent.name, 'header not the key'
+
+
+def test_a_header_edit_while_the_write_is_planned_is_never_stored_under_the_old_key(
+    tmp_path, monkeypatch
+):
+    """The edit lands between the snapshot that is hashed and the header that is written."""
+    import nipype_nibtrack.export as export_mod
+
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), 'f4'), np.eye(4))
+    real = export_mod.data_source
+    # export's calls: choose_plan's plan, then the write's own plan: the edit lands there
+    edits = iter([None, b'edited while written'])
+
+    def edit_then_read(image):
+        edit = next(edits, None)
+        if edit is not None:
+            image.header['descrip'] = edit
+        return real(image)
+
+    monkeypatch.setattr(export_mod, 'data_source', edit_then_read)
+    path = Path(nt.as_filename(img, store=Store(tmp_path)))
+    monkeypatch.undo()
+    written = nib.load(path)
+    assert written.header['descrip'] == img.header['descrip']
+    assert path.parent.name == nt.image_digest(img)
