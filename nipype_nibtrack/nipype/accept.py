@@ -378,6 +378,22 @@ class _ImageAware:
         self._nibtrack_resolve()
         return super()._check_mandatory_inputs()
 
+    # Methods that derive file names from the inputs: run and cmdline call them inside a
+    # resolution already, but users call them directly too (``bet._list_outputs()`` to
+    # know the output names before running), and nipype's own code takes the inputs
+    # for paths there (split_filename of an image raises TypeError).
+    def _list_outputs(self) -> Any:
+        with self._nibtrack_resolving():
+            return super()._list_outputs()
+
+    def _gen_filename(self, name: str) -> Any:
+        with self._nibtrack_resolving():
+            return super()._gen_filename(name)
+
+    def aggregate_outputs(self, *args: Any, **kwargs: Any) -> Any:
+        with self._nibtrack_resolving():
+            return super().aggregate_outputs(*args, **kwargs)
+
     def __getstate__(self) -> dict:
         # a pickle taken while running (a crash file) holds no resolution frames
         state = super().__getstate__()
