@@ -13,7 +13,6 @@ import sys
 from pathlib import Path
 
 import nibabel as nib
-import nipype_fixtures as nf
 import numpy as np
 import pytest
 from nipype.interfaces import fsl, mrtrix3
@@ -23,6 +22,7 @@ from nipype.utils.filemanip import loadpkl, savepkl
 import nipype_nibtrack as nt
 from nipype_nibtrack.interfaces import fsl as nt_fsl
 from nipype_nibtrack.interfaces import mrtrix3 as nt_mrtrix3
+from tests import nipype_fixtures as nf
 
 
 @pytest.fixture(autouse=True)
@@ -106,6 +106,28 @@ def test_a_one_voxel_change_reruns_a_cached_node_and_an_unchanged_one_does_not(t
     _, again, voxels = run(edited)
     assert again != first
     assert voxels[3, 4, 5] == _voxels(path)[3, 4, 5] + 1
+
+
+def test_the_same_node_run_again_after_an_image_edit_gets_the_edit(tmp_path):
+    # hashing left the store file name of the first state in the user's own node, and
+    # nipype keeps a node's first hash: the second run was served the first content
+    nf.require_tool('mrconvert')
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), 'f4'), np.eye(4))
+    node = pe.Node(
+        nt_mrtrix3.MRConvert(in_file=img, out_file='o.nii', args='-quiet'),
+        name='conv',
+        base_dir=str(tmp_path / 'work'),
+    )
+    assert _voxels(node.run().outputs.out_file).sum() == 0
+    img.get_fdata()[1, 1, 1] = 5
+    assert _voxels(node.run().outputs.out_file).sum() == 5
+    img.get_fdata()[1, 1, 2] = 7  # the node's interface, run and formatted directly
+    assert _voxels(node.interface.cmdline.split()[2]).sum() == 12
+    result = node.interface.run(cwd=str(tmp_path))
+    assert _voxels(result.outputs.out_file).sum() == 12
+    first = node.run()  # unchanged since: the node's cached result is used
+    assert node.run().outputs.out_file == first.outputs.out_file
+    assert _voxels(first.outputs.out_file).sum() == 12
 
 
 # ---------------------------------------------------------------- workflows with images
@@ -251,3 +273,70 @@ def test_mrconvert_on_an_mgh_image_through_nipype_and_a_format_it_does_not_read(
     assert result.inputs['in_file'] == nf.MGZ
     assert result.outputs.out_file == str(tmp_path / 'o.nii')
     assert mrtrix3.MRConvert(in_file=nf.MGZ, out_file='o.nii').cmdline.split()[1] == nf.MGZ
+
+
+# ---------------------------------------------------------------- pydra
+
+pydra_mrtrix3 = pytest.importorskip('pydra.tasks.mrtrix3.v3_1')
+
+
+def test_pydra_task_hash_of_a_clean_image_equals_its_absolute_and_relative_path(
+    tmp_path, monkeypatch
+):
+    from pydra.utils.hash import hash_function
+
+    monkeypatch.chdir(tmp_path)
+    path = nf.copy_anat(tmp_path)
+    tasks = [
+        pydra_mrtrix3.MrConvert(in_file=value, out_file='o.nii')
+        for value in (nt.load(path), path, 'anatomical.nii', nt.load('anatomical.nii'))
+    ]
+    assert len({hash_function(t) for t in tasks}) == 1
+    assert len({t.cmdline for t in tasks}) == 1
+    edited = nt.load(path)
+    edited.get_fdata()[1, 2, 3] += 1
+    assert hash_function(pydra_mrtrix3.MrConvert(in_file=edited, out_file='o.nii')) != (
+        hash_function(tasks[0])
+    )
+
+
+def test_pydra_list_field_of_clean_and_dirty_images_through_mrmath_on_cf(tmp_path):
+    nf.require_tool('mrmath')
+    path = nf.copy_anat(tmp_path)
+    clean = nt.load(path)
+    dirty = nt.load(path)
+    dirty.get_fdata()[5, 6, 7] += 10
+    task = pydra_mrtrix3.MrMath(in_file=[clean, dirty], operation='mean', out_file='mean.nii')
+    assert task.cmdline.split()[1] == path
+    result = task(cache_root=tmp_path / 'cache', worker='cf')
+    mean = np.asarray(nib.load(str(result.out_file)).dataobj, dtype='f8')
+    expected = (clean.get_fdata() + dirty.get_fdata()) / 2
+    np.testing.assert_allclose(mean, expected, rtol=1e-6)
+    assert not nt.is_dirty(clean) and nt.is_dirty(dirty)  # the caller's images untouched
+
+
+def test_pydra_cf_worker_with_spawned_processes(tmp_path):
+    # a spawned worker imports nothing of the parent: the hooks must come with the job
+    nf.require_tool('mrconvert')
+    proc = nf.run_python(
+        """
+        import multiprocessing, sys
+        import numpy as np, nibabel as nib
+        import nipype_nibtrack.pydra
+        from pydra.tasks.mrtrix3.v3_1 import MrConvert
+        import pydra_tasks
+
+        if __name__ == '__main__':
+            multiprocessing.set_start_method('spawn', force=True)
+            data = np.arange(4 * 5 * 6, dtype='f4').reshape(4, 5, 6)
+            img = nib.Nifti1Image(data, np.eye(4))
+            total = pydra_tasks.VoxelSum(img=img)(cache_root=sys.argv[1], worker='cf').out
+            out = MrConvert(in_file=img, out_file='o.nii')(cache_root=sys.argv[1], worker='cf')
+            back = np.asarray(nib.load(str(out.out_file)).dataobj)
+            print('RESULT', total, float(data.sum()), bool(np.array_equal(back, data)))
+        """,
+        str(tmp_path / 'cache'),
+    )
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith('RESULT')]
+    total, expected, same = line.split()[1:]
+    assert float(total) == float(expected) and same == 'True'

@@ -7,7 +7,7 @@ by a process that has them carries what installs them in the process that unpick
 Built only on the core's public API (:mod:`nipype_nibtrack`).
 """
 
-from . import exporting, hashing, mirror, pickling
+from . import exporting, hashing, mirror, nodes, pickling
 from .accept import (
     accept_images,
     formats_for,
@@ -21,6 +21,7 @@ from .traits import ImageFile, InputMultiImage, contains_image, is_image, iter_i
 exporting.install()
 hashing.install()
 mirror.install()
+nodes.install()
 pickling.install()
 
 __all__ = [

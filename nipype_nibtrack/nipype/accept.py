@@ -326,9 +326,31 @@ class _ImageAwareSpec:
 
     def get_hashval(self, hash_method: str | None = None) -> Any:
         # Inside a node: this runs just before the interface does; the node's copy of
-        # the interface then holds paths for copyfile, cmdline and its pickles.
-        resolve_spec_images(self)
+        # the interface then holds paths for copyfile, cmdline, its report and pickles.
+        # The images behind those paths are remembered: a node run again (``node.run()``
+        # twice, the user's own node, not a graph copy) hashes and runs what its images
+        # hold then, not the file an earlier, since edited, state was written to.
+        self._nibtrack_rebind()
+        replaced = resolve_spec_images(self)
+        self._nibtrack_sources().update(
+            {name: (image, getattr(self, name)) for name, image in replaced.items()}
+        )
         return super().get_hashval(hash_method=hash_method)
+
+    def _nibtrack_sources(self) -> dict[str, tuple[Any, Any]]:
+        # by input name: (image, the file name hashing put in its place)
+        return self.__dict__.setdefault('_nibtrack_sources', {})
+
+    def _nibtrack_rebind(self) -> dict[str, tuple[Any, Any]]:
+        """Put back the images behind file names hashing left; returns what was put back.
+
+        An input set to something else since (by nipype's copyfile, or the user) keeps it.
+        """
+        sources = self.__dict__.pop('_nibtrack_sources', None) or {}
+        back = {n: (img, path) for n, (img, path) in sources.items() if getattr(self, n) == path}
+        if back:
+            self.trait_set(trait_change_notify=False, **{n: img for n, (img, _) in back.items()})
+        return back
 
 
 class _ImageAware:
@@ -346,6 +368,10 @@ class _ImageAware:
     @contextlib.contextmanager
     def _nibtrack_resolving(self) -> Iterator[None]:
         frames = self.__dict__.setdefault('_nibtrack_frames', [])
+        # file names a node's hashing left (the interface of a node run before): their
+        # images are resolved again, as they are now, and the names put back afterwards
+        rebind = getattr(self.inputs, '_nibtrack_rebind', None)
+        rebound = rebind() if rebind is not None and len(frames) == 0 else {}
         frames.append({})
         try:
             self._nibtrack_resolve()
@@ -363,6 +389,15 @@ class _ImageAware:
             }
             if restore:
                 self.inputs.trait_set(trait_change_notify=False, **restore)
+            self._nibtrack_unbind({n: replaced[n] for n in rebound if n in restore})
+
+    def _nibtrack_unbind(self, resolved: dict[str, tuple[Any, Any]]) -> None:
+        # inputs that held file names before the call hold the (new) names again
+        if resolved:
+            self.inputs.trait_set(
+                trait_change_notify=False, **{n: path for n, (_, path) in resolved.items()}
+            )
+            self.inputs._nibtrack_sources().update(resolved)
 
     def _nibtrack_resolve(self) -> None:
         frames = self.__dict__.get('_nibtrack_frames')
