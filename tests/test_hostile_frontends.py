@@ -16,6 +16,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nipype.interfaces import fsl, mrtrix3
+from nipype.interfaces.base import (
+    BaseInterface,
+    BaseInterfaceInputSpec,
+    File,
+    TraitedSpec,
+    traits,
+)
 from nipype.pipeline import engine as pe
 from nipype.utils.filemanip import loadpkl, savepkl
 
@@ -128,6 +135,73 @@ def test_the_same_node_run_again_after_an_image_edit_gets_the_edit(tmp_path):
     first = node.run()  # unchanged since: the node's cached result is used
     assert node.run().outputs.out_file == first.outputs.out_file
     assert _voxels(first.outputs.out_file).sum() == 12
+
+
+def _image_total(img):
+    return float(img.get_fdata().sum())
+
+
+def test_a_mapnode_or_function_node_run_again_after_an_image_edit_gets_the_edit(tmp_path):
+    # the same class: MapNode keeps its own memoised hash, a Function node nipype's
+    from nipype.interfaces.utility import Function
+
+    nf.require_tool('mrconvert')
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), 'f4'), np.eye(4))
+    mapped = pe.MapNode(
+        nt_mrtrix3.MRConvert(out_file='o.nii', args='-quiet'),
+        iterfield=['in_file'],
+        name='map',
+        base_dir=str(tmp_path),
+    )
+    mapped.inputs.in_file = [img, img]
+    func = pe.Node(
+        Function(input_names=['img'], output_names=['total'], function=_image_total),
+        name='func',
+        base_dir=str(tmp_path),
+    )
+    func.inputs.img = img
+
+    def totals():
+        outs = mapped.run().outputs.out_file
+        return [float(_voxels(o).sum()) for o in outs], func.run().outputs.total
+
+    assert totals() == ([0.0, 0.0], 0.0)
+    img.get_fdata()[1, 1, 1] = 5
+    assert totals() == ([5.0, 5.0], 5.0)
+
+
+class _SumInput(BaseInterfaceInputSpec):
+    in_file = File(exists=True, copyfile=True, mandatory=True)
+
+
+class _SumOutput(TraitedSpec):
+    total = traits.Float()
+
+
+class _Sum(BaseInterface):
+    """Sums the voxels of a copyfile=True input."""
+
+    input_spec = _SumInput
+    output_spec = _SumOutput
+
+    def _run_interface(self, runtime):
+        self._seen = self.inputs.in_file
+        self._total = float(_voxels(self.inputs.in_file).sum())
+        return runtime
+
+    def _list_outputs(self):
+        return {'total': self._total}
+
+
+def test_a_copyfile_node_run_again_after_an_edit_copies_the_edit(tmp_path):
+    img = nib.Nifti1Image(np.zeros((4, 5, 6), 'f4'), np.eye(4))
+    node = pe.Node(nt.accept_images(_Sum)(in_file=img), name='s', base_dir=str(tmp_path))
+    assert node.run().outputs.total == 0
+    assert node.interface._seen == str(tmp_path / 's' / 'image.nii')  # nipype's copy
+    assert node.run().outputs.total == 0  # unchanged: cached
+    img.get_fdata()[1, 1, 1] = 5
+    assert node.run().outputs.total == 5
+    assert node.interface._seen == str(tmp_path / 's' / 'image.nii')
 
 
 # ---------------------------------------------------------------- workflows with images

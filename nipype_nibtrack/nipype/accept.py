@@ -332,24 +332,34 @@ class _ImageAwareSpec:
         # hold then, not the file an earlier, since edited, state was written to.
         self._nibtrack_rebind()
         replaced = resolve_spec_images(self)
+        paths = {name: getattr(self, name) for name in replaced}
         self._nibtrack_sources().update(
-            {name: (image, getattr(self, name)) for name, image in replaced.items()}
+            {name: (image, paths[name], paths[name]) for name, image in replaced.items()}
         )
         return super().get_hashval(hash_method=hash_method)
 
-    def _nibtrack_sources(self) -> dict[str, tuple[Any, Any]]:
-        # by input name: (image, the file name hashing put in its place)
-        return self.__dict__.setdefault('_nibtrack_sources', {})
+    def _nibtrack_sources(self) -> dict[str, tuple[Any, Any, Any]]:
+        # by input name: (image, the file name in its place now, what it resolved to)
+        return self.__dict__.setdefault('_nibtrack_hashed', {})
 
-    def _nibtrack_rebind(self) -> dict[str, tuple[Any, Any]]:
-        """Put back the images behind file names hashing left; returns what was put back.
+    def _nibtrack_rebind(self) -> dict[str, tuple[Any, Any, Any]]:
+        """Put back the images whose content changed since hashing left their file names.
 
-        An input set to something else since (by nipype's copyfile, or the user) keeps it.
+        A name that still stands for what its image holds stays (nipype's copy of it in
+        the working directory included); an input set to something else since keeps it.
         """
-        sources = self.__dict__.pop('_nibtrack_sources', None) or {}
-        back = {n: (img, path) for n, (img, path) in sources.items() if getattr(self, n) == path}
+        sources = self.__dict__.get('_nibtrack_hashed') or {}
+        label = f'{type(self).__name__}.'
+        back = {
+            name: entry
+            for name, entry in sources.items()
+            if getattr(self, name) == entry[1]
+            and _resolve_value(entry[0], trait_formats(self, name), label + name) != entry[2]
+        }
+        for name in back:
+            del sources[name]
         if back:
-            self.trait_set(trait_change_notify=False, **{n: img for n, (img, _) in back.items()})
+            self.trait_set(trait_change_notify=False, **{n: e[0] for n, e in back.items()})
         return back
 
 
@@ -397,7 +407,9 @@ class _ImageAware:
             self.inputs.trait_set(
                 trait_change_notify=False, **{n: path for n, (_, path) in resolved.items()}
             )
-            self.inputs._nibtrack_sources().update(resolved)
+            self.inputs._nibtrack_sources().update(
+                {n: (image, path, path) for n, (image, path) in resolved.items()}
+            )
 
     def _nibtrack_resolve(self) -> None:
         frames = self.__dict__.get('_nibtrack_frames')

@@ -3,67 +3,105 @@
 nipype computes a node's hash once and keeps it on the node (``Node._hashvalue``), so a
 node run a second time (``node.run()`` again, ``node.is_cached()``) is looked up under
 the first hash. With paths that is nipype's own behaviour. With an image it would hand
-the tool the file an earlier state of the image was written to, after the user edited
-the image: a false clean. The node is hashed again only when an image its inputs were
-hashed with now resolves to another file.
+the tool (or a ``Function``) the file an earlier state of the image was written to, or
+serve the result cached for it, after the user edited the image: a false clean. So the
+file each image of the node's inputs resolved to is kept with the hash, and the node is
+hashed again when one of them now resolves to another file. This holds for every kind
+of node: an image-aware interface's inputs (where hashing left file names, and the
+images behind them are remembered), a ``MapNode``'s own inputs, ``Function`` inputs.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
-from nipype.pipeline.engine.nodes import Node
+from nipype.pipeline.engine.nodes import JoinNode, MapNode, Node
 
 from .. import resolve
+from .traits import iter_images
 
 __all__ = ['install']
 
 
-def _hashed_with(spec: Any) -> dict[str, Any]:
-    """The file names the images of ``spec`` were hashed as, by input name."""
-    sources = spec.__dict__.get('_nibtrack_sources') or {}
-    return {name: path for name, (_, path) in sources.items()}
+def _images(spec: Any) -> list[Any]:
+    """The images in ``spec``'s values, and those its hashing put file names in place of."""
+    found = list(iter_images(list(spec.trait_get().values())))
+    sources = spec.__dict__.get('_nibtrack_hashed') or {}
+    found += [
+        img
+        for name, (image, path, _) in sources.items()
+        if getattr(spec, name) == path  # else set to something else since
+        for img in iter_images(image)
+    ]
+    return found
 
 
-def _stale(node: Node, spec: Any) -> bool:
-    hashed = node.__dict__.get('_nibtrack_hashed_with') or {}
-    sources = spec.__dict__.get('_nibtrack_sources') or {}
-    for name, (image, path) in sources.items():
-        if getattr(spec, name) != path:
-            continue  # set to something else since: nipype's memo is kept, as for paths
-        if name in hashed and _resolved(image) != hashed[name]:
+def _resolutions(spec: Any) -> list[tuple[Any, str]]:
+    out = []
+    for img in _images(spec):
+        try:
+            out.append((img, resolve(img).path))
+        except (TypeError, ValueError):
+            continue  # cannot become a file: nipype's hashing reports it
+    return out
+
+
+#: By node: the images its memoised hash was computed with and the files they were.
+#: Beside the node, not in it: a node is pickled (MultiProc submissions) with plain
+#: pickle, which would carry the images' arrays.
+_hashed_with: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _stale(node: Node) -> bool:
+    for img, path in _hashed_with.get(node, ()):
+        try:
+            if resolve(img).path != path:
+                return True
+        except (TypeError, ValueError):
             return True
     return False
 
 
-def _resolved(value: Any) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_resolved(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _resolved(v) for k, v in value.items()}
-    try:
-        return resolve(value).path
-    except (TypeError, ValueError):
-        return value  # not an image
-
-
-def install() -> None:
-    """Install the hook; calling it again changes nothing."""
-    get_hashval = Node._get_hashval
-    if getattr(get_hashval, '_nibtrack', False):
-        return
-
+def _wrap(get_hashval: Any) -> Any:
     def _get_hashval(self: Node) -> Any:
-        inputs = getattr(self._interface, 'inputs', None)
-        if inputs is None:
-            return get_hashval(self)
-        if self._hashvalue is not None and _stale(self, inputs):
+        if self._hashvalue is not None and _stale(self):
             self._hashvalue = self._hashed_inputs = None
         fresh = self._hashvalue is None
         hashed = get_hashval(self)
         if fresh:
-            self.__dict__['_nibtrack_hashed_with'] = _hashed_with(inputs)
+            _hashed_with[self] = _resolutions(self.inputs)
         return hashed
 
     _get_hashval._nibtrack = True
-    Node._get_hashval = _get_hashval
+    return _get_hashval
+
+
+def _wrap_copyfiles(copyfiles: Any) -> Any:
+    # copyfile inputs: nipype puts the names of its copies in the working directory in
+    # place of the file names hashing left; the images stay behind the copies' names
+    def _copyfiles_to_wd(self: Node, *args: Any, **kwargs: Any) -> Any:
+        spec = self._interface.inputs
+        sources = spec.__dict__.get('_nibtrack_hashed') or {}
+        before = {name: getattr(spec, name) for name in sources}
+        try:
+            return copyfiles(self, *args, **kwargs)
+        finally:
+            for name, (image, path, resolved) in list(sources.items()):
+                now = getattr(spec, name)
+                if before[name] == path and now != path:
+                    sources[name] = (image, now, resolved)
+
+    _copyfiles_to_wd._nibtrack = True
+    return _copyfiles_to_wd
+
+
+def install() -> None:
+    """Install the hooks; calling it again changes nothing."""
+    if not getattr(Node._copyfiles_to_wd, '_nibtrack', False):
+        Node._copyfiles_to_wd = _wrap_copyfiles(Node._copyfiles_to_wd)
+    # MapNode memoises in its own _get_hashval (over its iterfield inputs)
+    for cls in (Node, MapNode, JoinNode):
+        own = vars(cls).get('_get_hashval')
+        if own is not None and not getattr(own, '_nibtrack', False):
+            cls._get_hashval = _wrap(own)
