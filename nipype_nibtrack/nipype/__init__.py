@@ -6,10 +6,11 @@ by a process that has them carries what installs them in the process that unpick
 Built only on the core's public API (:mod:`nipype_nibtrack`).
 """
 
-from . import hashing, pickling
+from . import binding, hashing, pickling
 from .accept import accept_images, formats_for, resolve_spec_images, trait_formats
 from .traits import ImageFile, InputMultiImage, contains_image, is_image, iter_images
 
+binding.install()
 hashing.install()
 pickling.install()
 
