@@ -32,7 +32,6 @@ is what a pickled reference gives too.
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -116,22 +115,24 @@ def image_files(img: Any) -> list[str]:
 # ---------------------------------------------------------------- deep copies
 
 
-def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> None:
+def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> dict[int, Any]:
     """Put the bound copy of each image of ``spec`` in a deepcopy ``memo``.
 
-    A deepcopy memo maps ``id(original)`` to its copy, and the original must stay alive
-    while the memo is in use (``copy._keep_alive``). Images that cannot become a file
-    keep nipype's own copying (they are refused, with their input's name, when hashed).
+    Returns the seeds, which the caller removes after copying ``spec``: the memo is
+    shared by the whole graph copy, and other holders of the same image (an iterables
+    list, whose folder names follow the image's content) keep nipype's own copying.
+    Images that cannot become a file keep it too (the hash names the input and why).
     """
+    seeded = {}
     for value in spec.trait_get().values():
         for img in iter_images(value):
             if id(img) in memo:
                 continue
             try:
-                memo[id(img)] = bound_copy(img)
+                seeded[id(img)] = memo[id(img)] = bound_copy(img)
             except (ValueError, TypeError, OSError):
-                continue  # the hash names the input and the cause
-            copy._keep_alive(img, memo)
+                continue
+    return seeded
 
 
 # ---------------------------------------------------------------- runs
@@ -211,9 +212,15 @@ def install() -> None:
     clean = engine_utils.clean_working_directory
 
     def __deepcopy__(self: DynamicTraitedSpec, memo: dict) -> Any:
-        if id(self) not in memo:
-            _seed_bound_copies(self, memo)
-        return dynamic_deepcopy(self, memo)
+        if id(self) in memo:
+            return memo[id(self)]
+        seeded = _seed_bound_copies(self, memo)
+        try:
+            return dynamic_deepcopy(self, memo)
+        finally:
+            for key, dup in seeded.items():
+                if memo.get(key) is dup:
+                    del memo[key]
 
     def run(self: BaseInterface, cwd: Any = None, ignore_exception: Any = None, **inputs: Any):
         with _bound_inputs(self.inputs):
