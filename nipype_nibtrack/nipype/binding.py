@@ -18,9 +18,9 @@ is what a pickled reference gives too.
   before anything runs): the copy of an image is its bound copy. This is also cheaper
   than nipype's copy of the voxel arrays, and gives a Function node the same image
   under Linear as under MultiProc.
-- ``BaseInterface.run``: an image given by a relative name is bound in the caller's
-  directory for the duration of the run, which happens in the node folder; the
-  inputs are put back afterwards.
+- ``BaseInterface.run``: an image named relatively (in the spec, or given to ``run``)
+  is bound in the caller's directory for the duration of the run, which happens in
+  ``cwd`` (a node's folder); the inputs hold the user's images again afterwards.
 - ``clean_working_directory`` (after a node ran): every image output that the node
   keeps is bound in the node folder, where it was made (``nib.load('out.nii')`` there
   names the node's own ``out.nii``), and the files it resolves to are kept like the
@@ -223,8 +223,13 @@ def install() -> None:
                     del memo[key]
 
     def run(self: BaseInterface, cwd: Any = None, ignore_exception: Any = None, **inputs: Any):
+        # nipype sets these inside `cwd`; images are named here: set them first, as given
+        images = {name: v for name, v in inputs.items() if contains_image(v)}
+        if images:
+            self.inputs.trait_set(**images)
+        rest = {name: v for name, v in inputs.items() if name not in images}
         with _bound_inputs(self.inputs):
-            return interface_run(self, cwd, ignore_exception, **inputs)
+            return interface_run(self, cwd, ignore_exception, **rest)
 
     def clean_working_directory(
         outputs: Any,
