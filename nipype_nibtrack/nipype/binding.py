@@ -15,9 +15,9 @@ is what a pickled reference gives too.
 
 - ``DynamicTraitedSpec.__deepcopy__`` (Function, IdentityInterface, MapNode and
   JoinNode inputs; ``Workflow.run`` deep-copies the graph in the user's directory
-  before anything runs): the copy of an image is its bound copy. This is also cheaper
-  than nipype's copy of the voxel arrays, and gives a Function node the same image
-  under Linear as under MultiProc.
+  before anything runs): the copy of an image named relatively, or of one that holds
+  an open file and cannot be copied (PAR/REC, MINC2, ``keep_file_open``), is its
+  bound copy.
 - ``BaseInterface.run``: an image named relatively (in the spec, or given to ``run``)
   is bound in the caller's directory for the duration of the run, which happens in
   ``cwd`` (a node's folder); the inputs hold the user's images again afterwards.
@@ -33,7 +33,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pickle
 from collections.abc import Iterator
+from copy import deepcopy
 from typing import Any
 
 from nipype.interfaces.base.core import BaseInterface
@@ -116,18 +118,33 @@ def image_files(img: Any) -> list[str]:
 
 
 def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> dict[int, Any]:
-    """Put the bound copy of each image of ``spec`` in a deepcopy ``memo``.
+    """Put the bound copy of some images of ``spec`` in a deepcopy ``memo``.
 
-    Returns the seeds, which the caller removes after copying ``spec``: the memo is
-    shared by the whole graph copy, and other holders of the same image (an iterables
-    list, whose folder names follow the image's content) keep nipype's own copying.
-    Images that cannot become a file keep it too (the hash names the input and why).
+    Those named relatively (a copy would follow the directory of whoever reads it),
+    and those that cannot be copied (a PAR/REC or MINC2 image, or one loaded with
+    ``keep_file_open``, holds an open file); every other image is copied as nipype
+    copies it, which costs less than a load. Returns the bound copies, which the caller
+    removes from the memo after copying ``spec``: the memo is shared by the whole graph
+    copy, and other holders of the same image (an iterables list, whose folder names
+    follow the image's content) keep nipype's own copying. An image that cannot
+    become a file is left to the hash, which names the input and says why.
     """
     seeded = {}
     for value in spec.trait_get().values():
         for img in iter_images(value):
             if id(img) in memo:
                 continue
+            if not depends_on_cwd(img):
+                known = len(memo)
+                try:
+                    deepcopy(img, memo)
+                    continue
+                except (TypeError, pickle.PicklingError):
+                    # holds an open file: a bound copy re-opens it by name. The failed
+                    # copy left half-built objects in the memo (deepcopy records an
+                    # object before filling it): forget them, they were added last
+                    for key in list(memo)[known:]:
+                        del memo[key]
             try:
                 seeded[id(img)] = memo[id(img)] = bound_copy(img)
             except (ValueError, TypeError, OSError):
