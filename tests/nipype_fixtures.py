@@ -31,7 +31,7 @@ from nipype.interfaces.base import (
     traits,
 )
 from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
-from nipype.utils.filemanip import loadpkl  # noqa: F401  (for the tests)
+from nipype.utils.filemanip import loadpkl, savepkl  # noqa: F401  (for the tests)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ANAT = os.path.join(data_path, 'anatomical.nii')
