@@ -13,7 +13,7 @@ from typing import Any
 
 from .digest import image_digest
 from .frontends import import_later, when_imported
-from .provenance import load, mark_clean, mark_dirty
+from .provenance import load, mark_clean, mark_dirty, source_files
 from .resolve import (
     ImageReadError,
     Resolution,
@@ -70,4 +70,5 @@ __all__ = [
     'normalise_formats',
     'resolve',
     'set_store',
+    'source_files',
 ]

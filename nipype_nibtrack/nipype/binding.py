@@ -46,10 +46,10 @@ from nipype.utils.filemanip import ensure_list, indirectory
 from nipype.utils.misc import str2bool
 from traits.api import TraitError
 
-from .. import load, resolve
+from .. import load, resolve, source_files
 from .traits import contains_image, is_image, iter_images
 
-__all__ = ['bound_copy', 'depends_on_cwd', 'image_files', 'install']
+__all__ = ['bound_copy', 'depends_on_cwd', 'install']
 
 
 def depends_on_cwd(img: Any) -> bool:
@@ -98,20 +98,6 @@ def _bind_value(value: Any, wanted: Any = lambda img: True) -> Any:
     if isinstance(value, dict):
         return {k: _bind_value(v, wanted) for k, v in value.items()}
     return value
-
-
-def image_files(img: Any) -> list[str]:
-    """Absolute names of every file of ``img`` (its file map and what its data reads).
-
-    >>> import os, nibabel as nib
-    >>> from nibabel.testing import data_path
-    >>> image_files(nib.load(os.path.join(data_path, 'anatomical.nii')))
-    ['...anatomical.nii']
-    """
-    names = [holder.filename for holder in img.file_map.values()]
-    names.append(getattr(getattr(img, 'dataobj', None), 'file_like', None))
-    found = (os.path.abspath(n) for n in names if isinstance(n, (str, os.PathLike)))
-    return list(dict.fromkeys(found))
 
 
 # ---------------------------------------------------------------- deep copies
@@ -205,7 +191,7 @@ def bind_outputs(outputs: Any, cwd: str | os.PathLike, names: list[str]) -> list
                 outputs.trait_set(trait_change_notify=False, **{name: new})
             except (ValueError, TypeError, TraitError):
                 continue  # pickled whole, as plain nipype does (see pickling)
-            files.extend(f for img in iter_images(new) for f in image_files(img))
+            files.extend(f for img in iter_images(new) for f in source_files(img))
     wanted = {_identity(f) for f in files} - {None}
     if not wanted:
         return []
