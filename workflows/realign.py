@@ -308,9 +308,10 @@ class Progress:
 
     def __call__(self, node: Any, status: str) -> None:
         if status in ('end', 'exception'):
-            self.report(node.output_dir(), node.fullname, failed=status == 'exception')
-            for sub in Path(node.output_dir()).glob('mapflow/_*'):
+            # a MapNode run in one piece (Linear) reports its volumes first
+            for sub in sorted(Path(node.output_dir()).glob('mapflow/_*'), key=_natural):
                 self.report(str(sub), f'{node.fullname}.{sub.name}')
+            self.report(node.output_dir(), node.fullname, failed=status == 'exception')
 
     def report(self, node_dir: str, name: str, failed: bool = False) -> None:
         if node_dir in self.reported:
@@ -381,6 +382,7 @@ def run(workflow: Workflow, plugin: str = 'Linear', echo: bool = False) -> dict:
         'nodes_cached': sum(s == 'cached' for s, _ in states.values()),
         'store_files_written': store.info().files - store_before,
         'files_written': sorted(p for p, s in files_after.items() if files_before.get(p) != s),
+        'progress': states,
         'graph': graph,
     }
 
@@ -528,8 +530,8 @@ def main(argv: list[str] | None = None) -> int:
             others = len(series.volumes) - len(outcome['volumes_registered'])
             print(
                 f'  only volume {args.perturb} changed, so only its registration and what '
-                f'depends on it ran; the {others} other volumes stayed cached, because the '
-                'cache follows the content of images held in memory'
+                f'depends on it ran; the other {others} stayed cached: the cache follows '
+                'the content of images held in memory'
             )
     found = findings(runs[-1]['graph'], series, tool, anatomical)
     print(table(found, series))
