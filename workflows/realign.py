@@ -306,6 +306,11 @@ class Progress:
         self.started = time.perf_counter()
         self.reported: dict[str, tuple[str, float | None]] = {}
 
+    def __reduce__(self) -> tuple:
+        # nipype pickles a MapNode's plugin arguments, this callback included, into
+        # its batch job; there it has nothing to print to: it unpickles as None
+        return type(None), ()
+
     def __call__(self, node: Any, status: str) -> None:
         if status in ('end', 'exception'):
             # a MapNode run in one piece (Linear) reports its volumes first
