@@ -34,6 +34,7 @@ import getpass
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -361,6 +362,22 @@ def _duration(result_file: Path) -> float | None:
     return getattr(runtime, 'duration', None)
 
 
+def wait_for_batch_jobs(graph: Any, timeout: float = 3600.0) -> None:
+    """Wait until every node of ``graph`` has a result, or no job of ours is queued.
+
+    Graph plugins (``SLURMGraph``) submit every job with its dependencies and return.
+    """
+    deadline = time.monotonic() + timeout
+    user = getpass.getuser()
+    while not all(list(Path(n.output_dir()).glob('result_*.pklz')) for n in graph.nodes()):
+        queue = subprocess.run(['squeue', '-h', '-u', user], capture_output=True, text=True)
+        if queue.returncode == 0 and not queue.stdout.strip():
+            return  # nothing left to run: a node whose job failed has no result
+        if time.monotonic() > deadline:
+            raise TimeoutError(f'batch jobs still running after {timeout:.0f} s')
+        time.sleep(1.0)
+
+
 def run(workflow: Workflow, plugin: str = 'Linear', echo: bool = False) -> dict:
     """Run ``workflow`` once; what ran, what was cached, what was written, and its graph."""
     root = Path(workflow.base_dir) / workflow.name
@@ -374,6 +391,8 @@ def run(workflow: Workflow, plugin: str = 'Linear', echo: bool = False) -> dict:
     workflow.config['execution']['poll_sleep_duration'] = str(poll_seconds(plugin))
     start = time.perf_counter()
     graph = workflow.run(plugin=plugin, plugin_args=args)
+    if plugin.endswith('Graph'):
+        wait_for_batch_jobs(graph)
     seconds = time.perf_counter() - start
     progress.finish(graph)
     files_after = _files(root, Path(store.root))
