@@ -17,11 +17,13 @@ from pathlib import Path
 import hypothesis.strategies as st
 import matplotlib.image
 import motion  # workflows/, on the path through the root conftest.py
+import nibabel as nib
 import numpy as np
 import pytest
 import realign
 import simulate
 from hypothesis import given, settings
+from nipype.utils.filemanip import loadpkl
 
 import nipype_nibtrack as nt
 
@@ -165,6 +167,12 @@ def test_one_changed_voxel_reruns_that_volume_and_what_depends_on_it(story):
     others = {f'volume {v}' for v in range(8) if v != PERTURBED}
     assert cached == others | (DOWNSTREAM - downstream)
     assert third['store_files_written'] == 2  # volume 5 as it is now, and the new mean
+    # elastix was handed volume 5 as it is now in memory, the changed voxel included
+    series = story[0]
+    (sub,) = [d for d in third['progress'] if realign._volume(d) == PERTURBED]
+    handed = loadpkl(next(Path(sub).glob('result_*.pklz'))).inputs['moving_image']
+    now = np.asarray(series.volumes[PERTURBED].dataobj)
+    assert np.array_equal(np.asanyarray(nib.load(handed).dataobj), now)
     # no other volume's folder was touched
     others = [f'/_realign{v}/' for v in range(8) if v != PERTURBED]
     assert not [p for p in third['files_written'] if any(o in p for o in others)]
@@ -278,7 +286,6 @@ def test_elastix_transform_file_read_in_ras(tmp_path):
 
 def test_flirt_matrix_read_in_world_coordinates(tmp_path):
     """FSL's x axis runs against RAS x for a RAS-handed image: a +2 FSL mm shift is -2 mm."""
-    import nibabel as nib
 
     img = nib.Nifti1Image(np.zeros((10, 12, 8), 'f4'), np.diag([2.0, 2, 2, 1]))
     shift = np.eye(4)
