@@ -487,6 +487,30 @@ def table(found: Findings, series: simulate.Series) -> str:
     return '\n'.join(lines)
 
 
+def perturb_note(volume: int, registered: list[int], volumes: int) -> str:
+    """What the run after ``--perturb`` shows, in one sentence.
+
+    >>> perturb_note(5, [5], 8)[:50]
+    '  only volume 5 changed, so only its registration '
+    >>> perturb_note(5, [], 8)[:40]
+    '  volume 5 with this change was already '
+    """
+    if registered == [volume]:
+        return (
+            f'  only volume {volume} changed, so only its registration and what depends on '
+            f'it ran; the other {volumes - 1} stayed cached: the cache follows the content '
+            'of images held in memory'
+        )
+    if not registered:
+        return (
+            f'  volume {volume} with this change was already in the cache (an earlier run '
+            'saw the same content): nothing ran'
+        )
+    if volume == 0:
+        return '  volume 0 is the reference volume: every registration depends on it'
+    return f'  volumes registered again: {registered}'
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--tool', choices=TOOLS, default='auto')
@@ -516,6 +540,9 @@ def main(argv: list[str] | None = None) -> int:
             'or install FSL and use --tool flirt',
             file=sys.stderr,
         )
+        return 1
+    if tool == 'flirt' and not shutil.which('flirt'):
+        print('FSL is not installed (flirt is not on the PATH): use --tool elastix', file=sys.stderr)
         return 1
     quiet_nipype()
     base_dir = Path(args.base_dir or tempfile.mkdtemp(prefix='nibtrack-realign-')).absolute()
@@ -550,13 +577,8 @@ def main(argv: list[str] | None = None) -> int:
             f'({outcome["store_files_written"]} images to the store)',
             flush=True,
         )
-        if args.perturb is not None and index == args.runs and args.perturb != 0:
-            others = len(series.volumes) - len(outcome['volumes_registered'])
-            print(
-                f'  only volume {args.perturb} changed, so only its registration and what '
-                f'depends on it ran; the other {others} stayed cached: the cache follows '
-                'the content of images held in memory'
-            )
+        if args.perturb is not None and index == args.runs:
+            print(perturb_note(args.perturb, outcome['volumes_registered'], args.volumes))
     found = findings(runs[-1]['graph'], series, tool, anatomical)
     print(table(found, series))
     for picture in found.pictures:
