@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 1
     if tool == 'flirt' and not shutil.which('flirt'):
-        print('FSL is not installed (flirt is not on the PATH): use --tool elastix', file=sys.stderr)
+        print('FSL is not installed (no flirt on the PATH): use --tool elastix', file=sys.stderr)
         return 1
     quiet_nipype()
     base_dir = Path(args.base_dir or tempfile.mkdtemp(prefix='nibtrack-realign-')).absolute()
