@@ -465,17 +465,17 @@ def findings(graph: Any, series: simulate.Series, tool: str, anatomical: Any) ->
 
 def table(found: Findings, series: simulate.Series) -> str:
     """The motion per volume, estimated and true, and its error."""
+    names = ' '.join(f'{n:>6}' for n in ('tx', 'ty', 'tz', 'rx', 'ry', 'rz'))
     lines = [
         f'motion per volume: {motion.CONVENTION}',
-        '  vol   tx     ty     tz  |  rx     ry     rz   | true tx ... rz'
-        '                     | error mm  deg',
+        f'      | {"estimated":^41} | {"true":^41} |      error',
+        f'  vol | {names} | {names} |       mm    deg',
     ]
     for v, (est, true, (mm, deg)) in enumerate(
         zip(found.estimated, series.trace, found.errors, strict=True)
     ):
-        e = ' '.join(f'{x:6.2f}' for x in est)
-        t = ' '.join(f'{x:5.2f}' for x in true)
-        lines.append(f'  {v:3d} {e[:20]} |{e[20:]} | {t} | {mm:6.3f} {deg:5.3f}')
+        e, t = (' '.join(f'{x if abs(x) >= 0.005 else 0:6.2f}' for x in p) for p in (est, true))
+        lines.append(f'  {v:3d} | {e} | {t} | {mm:8.3f} {deg:6.3f}')
     verdict = 'within' if found.ok else 'OUTSIDE'
     lines.append(
         f'largest error: {found.max_mm:.3f} mm, {found.max_deg:.3f} deg '
