@@ -44,9 +44,9 @@ from typing import Any
 
 import numpy as np
 from nipype import Function, MapNode, Node, Workflow
-from nipype.interfaces import elastix, fsl
 
 import nipype_nibtrack as nt
+from nipype_nibtrack.interfaces import elastix, fsl  # nipype's, taking images too
 
 try:
     import motion
@@ -105,14 +105,12 @@ def registration(tool: str, step: str) -> tuple[Any, Tool]:
         raise ValueError(f'step must be realign or coregister, not {step!r}')
     if tool == 'flirt':
         cost = 'normcorr' if step == 'realign' else 'mutualinfo'
-        interface = nt.accept_images(fsl.FLIRT)(
-            dof=6, cost=cost, output_type='NIFTI', terminal_output='file_split'
-        )
+        interface = fsl.FLIRT(dof=6, cost=cost, output_type='NIFTI', terminal_output='file_split')
         return interface, FLIRT
     if tool != 'elastix':
         raise ValueError(f'tool must be elastix or flirt, not {tool!r}')
     parameters = REALIGN_PARAMETERS if step == 'realign' else COREGISTER_PARAMETERS
-    interface = nt.accept_images(elastix.Registration)(
+    interface = elastix.Registration(
         parameters=[str(parameters)],
         num_threads=1 if step == 'realign' else 2,
         terminal_output='file_split',
