@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-# The example workflows are scripts; tests import them as `realign`, `recover_motion`
+# The example workflows are scripts; tests import them as `realign`, `simulate`, `motion`
 sys.path.insert(0, str(Path(__file__).parent / 'workflows'))
 
 # The pydra front-end, its page and its tests need the `pydra` extra; CI installs it, and

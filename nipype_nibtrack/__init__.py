@@ -13,7 +13,7 @@ from typing import Any
 
 from .digest import image_digest
 from .frontends import import_later, when_imported
-from .provenance import load, mark_clean, mark_dirty
+from .provenance import load, mark_clean, mark_dirty, source_files
 from .resolve import (
     ImageReadError,
     Resolution,
@@ -24,7 +24,7 @@ from .resolve import (
     resolve,
 )
 from .rules import cleanliness_rule, dirty_reason, is_dirty
-from .store import ENV_VAR, Store, StoreError, get_store, set_store
+from .store import ENV_VAR, Store, StoreError, chosen_store, get_store, set_store
 
 __version__ = '0.1.0'
 
@@ -57,6 +57,7 @@ __all__ = [
     'accept_images',
     'as_filename',
     'check_image',
+    'chosen_store',
     'cleanliness_rule',
     'dirty_reason',
     'get_store',
@@ -69,4 +70,5 @@ __all__ = [
     'normalise_formats',
     'resolve',
     'set_store',
+    'source_files',
 ]

@@ -157,7 +157,7 @@ def choose_target(img: Any, formats: tuple[str, ...] | None) -> Target:
     """Pick the format a dirty image is written in: the first that holds it exactly.
 
     The image's own family (NIfTI-2, CIFTI-2, MGH) when the caller accepts one of its
-    extensions, else NIfTI-1, then NIfTI-2 (float64 affines), then any other accepted
+    extensions, else NIfTI-1, then NIfTI-2 (sizes NIfTI-1 cannot store), then any other accepted
     format; uncompressed before compressed (writing ``.nii`` is ~10x faster than
     ``.nii.gz``). A target that cannot hold every value, the affine or the shape
     exactly is skipped (see :func:`plan`): what this accepts, :func:`export_image` writes.
@@ -371,18 +371,44 @@ def plan(img: Any, target: Target) -> Plan:
     if img.affine is not None:
         reads = out.header.get_affine() if isinstance(out, MGHImage) else None
         reads = out.header.get_best_affine() if reads is None else reads
-        if not np.array_equal(reads, np.asarray(img.affine, dtype=np.float64)):
+        if not _affine_holds(reads, np.asarray(img.affine, dtype=np.float64), klass):
             raise _refuse(
                 img,
                 target,
                 f'a reader of {target.ext} would get another affine (the format stores it '
-                'in float32 or as zooms and directions); NIfTI-2 (.nii) holds it exactly',
+                'as zooms and directions, or in float32); NIfTI-2 (.nii) holds it exactly',
             )
     if snapshot(img) != snap:
         # header or affine edited while the output header was made from them: what was
         # hashed (meta) may not be what would be written
         raise ContentChanged('the header or affine changed while the write was planned')
     return Plan(target, out, values, np.dtype(src), raw, tag, meta, scaled, users_choice)
+
+
+#: How far a float32-stored affine may be from the image's: a few float32 ulps
+_F32_ULPS = 8 * float(np.finfo(np.float32).eps)
+
+
+def _affine_holds(reads: np.ndarray, affine: np.ndarray, klass: type) -> bool:
+    """True when a reader of ``klass`` gets ``affine`` at the format's precision.
+
+    NIfTI-2 stores float64: bit for bit. NIfTI-1, Analyze and MGH store float32, as
+    ``nib.save`` writes them and every tool reads them: the affine rounded to float32
+    (a relative 6e-8, about 1e-5 mm at 100 mm from the origin) is what the format holds,
+    not a conversion. Writing NIfTI-2 instead would be exact, but many tools (elastix
+    with Debian's ITK among them) cannot read it. What float32 cannot approach (a shear
+    in MGH, which keeps zooms and directions) is refused.
+
+    >>> a = np.eye(4); a[0, 3] = 0.1
+    >>> _affine_holds(a.astype(np.float32).astype(float), a, nib.Nifti1Image)
+    True
+    >>> _affine_holds(a.astype(np.float32).astype(float), a, nib.Nifti2Image)
+    False
+    """
+    if klass in _NIFTI2:
+        return bool(np.array_equal(reads, affine))
+    scale = max(1.0, float(np.max(np.abs(affine))))
+    return bool(np.allclose(reads, affine, rtol=0, atol=_F32_ULPS * scale))
 
 
 def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:

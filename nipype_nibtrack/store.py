@@ -55,6 +55,7 @@ __all__ = [
     'VERIFY_MAX_BYTES',
     'Store',
     'StoreError',
+    'chosen_store',
     'default_store_path',
     'get_store',
     'set_store',
@@ -883,3 +884,22 @@ def set_store(location: str | os.PathLike | Store | None) -> Store:
             else (location if isinstance(location, Store) else Store(location))
         )
     return get_store()
+
+
+def chosen_store() -> Store | None:
+    """The store given to :func:`set_store` in this process, or None.
+
+    None means the default location applies (``$NIBTRACK_STORE``, else the user's
+    cache), which child processes find by themselves; a store chosen in code is not
+    inherited by a fresh interpreter, so a front-end may carry it to its workers.
+
+    >>> import tempfile
+    >>> _ = set_store(tempfile.mkdtemp())
+    >>> chosen_store() is get_store()
+    True
+    >>> _ = set_store(None)
+    >>> chosen_store() is None
+    True
+    """
+    with _store_lock:
+        return _store

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Install what nipype_nibtrack needs on a fresh Debian machine: the external tools
 # (apt-get, when run as root) and the package itself in .venv.
-#   scripts/bootstrap.sh demo   elastix, and the package
-#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, slurmdbd, mariadb-server, and the test/docs/pydra extras
+#   scripts/bootstrap.sh demo   elastix, and the package with its demo extra
+#                               (nilearn's brain template, matplotlib for the pictures)
+#   scripts/bootstrap.sh test   also mrtrix3, slurm-wlm, munge, slurmdbd, mariadb-server,
+#                               and the demo/test/docs/pydra extras
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 mode=${1:-demo}
@@ -37,7 +39,8 @@ if [ ! -x "$venv/bin/python" ]; then
     echo "[bootstrap] creating $venv"
     "${PYTHON:-python3}" -m venv "$venv"
 fi
-extras=""
-[ "$mode" = test ] && extras="[test,docs,pydra]"  # pydra: pinned pre-releases, no --pre needed
+extras="[demo]"
+# pydra: pinned pre-releases, no --pre needed
+[ "$mode" = test ] && extras="[demo,test,docs,pydra]"
 echo "[bootstrap] pip install -e .$extras"
 "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root$extras"

@@ -31,7 +31,7 @@ from nipype.interfaces.base import (
     traits,
 )
 from nipype.pipeline.plugins.base import SGELikeBatchManagerBase
-from nipype.utils.filemanip import loadpkl  # noqa: F401  (for the tests)
+from nipype.utils.filemanip import loadpkl, savepkl  # noqa: F401  (for the tests)
 
 TESTS_DIR = Path(__file__).resolve().parent
 ANAT = os.path.join(data_path, 'anatomical.nii')
@@ -172,11 +172,11 @@ def subprocess_env(**extra: str) -> dict[str, str]:
 
 def run_python(code: str, *args: str, env: dict | None = None, check: bool = True, **kw: Any):
     """Run ``code`` in a fresh interpreter; returns the CompletedProcess."""
+    kw.setdefault('text', True)
     proc = subprocess.run(
         [sys.executable, '-c', textwrap.dedent(code), *args],
         env=env or subprocess_env(),
         capture_output=True,
-        text=True,
         timeout=300,
         **kw,
     )
@@ -354,3 +354,61 @@ class LocalBatchPlugin(SGELikeBatchManagerBase):
         self._jobs[proc.pid] = proc
         self._pending[proc.pid] = node.output_dir()
         return proc.pid
+
+
+# Functions for the directory and worker tests (issue 9: items 1, 9, 10, 16, 17)
+
+
+def write_and_load_relative(fill):
+    """Function node body: writes ``out.nii`` in the node folder, returns it by a relative name."""
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), fill, 'f4'), np.eye(4)), 'out.nii')
+    return nib.load('out.nii')
+
+
+def write_and_load_absolute(fill, dirty):
+    """Function node body: returns ``nib.load(os.path.abspath('out.nii'))``, maybe edited."""
+    import os
+
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), fill, 'f4'), np.eye(4)), 'out.nii')
+    img = nib.load(os.path.abspath('out.nii'))
+    if dirty:
+        img.header['descrip'] = b'edited in the node'
+    return img
+
+
+def make_image():
+    """Function node body without image inputs that returns a 1 MiB in-memory image."""
+    import nibabel as nib
+    import numpy as np
+
+    data = np.random.default_rng(16).standard_normal((64, 64, 64)).astype('f4')
+    return nib.Nifti1Image(data, np.eye(4))
+
+
+def describe(img):
+    """Function node body: what a NIfTI image holds, where it reads from, the store in use."""
+    import os
+
+    import nipype_nibtrack as nt
+
+    filename = img.get_filename()
+    return {
+        'sum': float(img.get_fdata().sum()),
+        'file': filename and os.path.abspath(filename),
+        'exists': bool(filename) and os.path.exists(filename),
+        'descrip': img.header['descrip'].item(),
+        'store': str(nt.get_store().root),
+    }
+
+
+def voxel_sum(img):
+    """Function node body: the voxel sum of an image of any format."""
+    import numpy as np
+
+    return float(np.asanyarray(img.dataobj, dtype='f8').sum())

@@ -45,8 +45,8 @@ def _write(img, tmp_path, target=None, name='out'):
         ('mgz', ('.mgz', '.nii'), nib.MGHImage, '.mgz'),
         ('mgz', ('.nii.gz',), nib.Nifti1Image, '.nii.gz'),
         ('minc2', None, nib.Nifti1Image, '.nii'),
-        # float64 values: not MGH; an affine from angulations: float64, so NIfTI-2
-        ('parrec', ('.mgz', '.nii.gz'), nib.Nifti2Image, '.nii.gz'),
+        # float64 values: not MGH; an affine from angulations: NIfTI-1 holds it in float32
+        ('parrec', ('.mgz', '.nii.gz'), nib.Nifti1Image, '.nii.gz'),
         ('cifti2', None, nib.Cifti2Image, '.nii'),
         ('gifti', None, nib.GiftiImage, '.gii'),
     ],
@@ -146,26 +146,26 @@ def test_float_header_narrower_than_the_array_is_the_users_choice(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ('target', 'exact'),
-    [(NII, False), (Target(nib.Nifti2Image, '.nii'), True), (Target(nib.MGHImage, '.mgh'), False)],
+    'target', [NII, Target(nib.Nifti2Image, '.nii'), Target(nib.MGHImage, '.mgh')]
 )
-def test_affine_edits_nibabel_would_drop_are_written_or_refused(target, exact, tmp_path):
+def test_affine_edits_nibabel_would_drop_are_written(target, tmp_path):
     img = build_format('nifti2', tmp_path).load()
     img.affine[1, 1] *= 1 + 3e-6  # within np.allclose: nib.save would ignore it
-    if not exact:  # float32 (NIfTI-1) or zooms and directions (MGH) cannot hold it
-        with pytest.raises(ValueError, match='another affine'):
-            _write(img, tmp_path, target)
-        return
     out = _write(img, tmp_path, target)
-    assert np.array_equal(out.affine, img.affine)
+    if target.klass is nib.Nifti2Image:
+        assert np.array_equal(out.affine, img.affine)
+    else:  # float32 formats: the edit is kept, at float32 precision
+        assert out.affine[1, 1] != np.float32(img.affine[1, 1] / (1 + 3e-6))
+        np.testing.assert_allclose(out.affine, img.affine, rtol=0, atol=1e-5)
 
 
-def test_a_float64_affine_goes_to_nifti2_when_nii_is_accepted(tmp_path):
+def test_a_float64_affine_stays_nifti1_rounded_to_float32(tmp_path):
+    # NIfTI-1 is what tools read (elastix cannot read NIfTI-2); its affine is float32
     img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
     img.affine[0, 3] = 0.1  # not a float32
-    assert choose_target(img, ('.nii',)) == Target(nib.Nifti2Image, '.nii')
-    with pytest.raises(ValueError, match=r"accepted formats \['.mgz'\].*would hold it: .nii"):
-        choose_target(img, ('.mgz',))
+    assert choose_target(img, ('.nii',)) == Target(nib.Nifti1Image, '.nii')
+    out = _write(img, tmp_path, choose_target(img, ('.nii',)))
+    assert out.affine[0, 3] == np.float32(0.1)
 
 
 def test_nib_save_alone_would_lose_these_edits(tmp_path):

@@ -321,3 +321,50 @@ def test_unwritable_image_is_pickled_whole_not_refused(caplog):
     back = pickle.loads(pickle.dumps(node))
     np.testing.assert_array_equal(back.inputs.img.get_fdata(), bytes_img.get_fdata())
     assert 'pickling a Nifti1Image whole' in caplog.text
+
+
+# ---------------------------------------------------------------- fresh interpreters
+
+
+def test_every_spec_pickle_installs_the_hooks_where_it_is_loaded(tmp_path):
+    # a node without any image: nothing in its pickle would otherwise name our package
+    node = pe.Node(
+        Function(input_names=[], output_names=['out'], function=nf.make_image), name='make'
+    )
+    path = tmp_path / 'node.pklz'
+    nf.savepkl(str(path), node)
+    code = """
+        import sys
+        from nipype.utils.filemanip import loadpkl
+        assert 'nipype_nibtrack' not in sys.modules
+        node = loadpkl(sys.argv[1])
+        from nipype.interfaces.base.specs import BaseTraitedSpec
+        print(getattr(BaseTraitedSpec.__getstate__, '_nibtrack', False))
+    """
+    assert nf.run_python(code, str(path)).stdout.split() == ['True']
+
+
+def test_crash_file_holds_references_and_loads_elsewhere(big, tmp_path):
+    wf = pe.Workflow('crashing', base_dir=str(tmp_path))
+    wf.config['execution']['crashdump_dir'] = str(tmp_path / 'crashes')
+    node = pe.Node(
+        Function(input_names=['img'], output_names=['out'], function=_fail), name='fails'
+    )
+    node.inputs.img = big[0]
+    wf.add_nodes([node])
+    with pytest.raises(RuntimeError):
+        wf.run()
+    (crash,) = (tmp_path / 'crashes').glob('crash-*.pklz')
+    assert crash.stat().st_size < LIMIT
+    code = """
+        import sys
+        from nipype.utils.filemanip import loadpkl
+        img = loadpkl(sys.argv[1])['node'].inputs.img
+        print(img.shape, img.get_filename().startswith(sys.argv[2]))
+    """
+    out = nf.run_python(code, str(crash), str(nf.store_root())).stdout
+    assert out.split() == ['(128,', '128,', '256)', 'True']
+
+
+def _fail(img):
+    raise RuntimeError('this node fails on purpose')

@@ -13,9 +13,9 @@ import subprocess
 import time
 from pathlib import Path
 
-import nibabel as nib
 import pytest
 import realign
+import simulate
 
 import nipype_nibtrack as nt
 
@@ -74,25 +74,26 @@ def _batch_files(work: Path, pattern: str) -> list[Path]:
 
 @pytest.mark.parametrize('plugin', ['SLURM', 'SLURMGraph'])
 def test_realign_through_sbatch_then_rerun_submits_nothing(cluster, shared, plugin):
-    anat = nt.load(realign.DATA / 'anatomical.nii')
-    mean = realign.mean_functional(nib.load(realign.DATA / 'example4d.nii.gz'))
-    workflow = realign.build_workflow(mean, anat, tool='elastix', base_dir=shared / 'work')
-    args = realign.plugin_args(plugin)
-    if plugin == 'SLURMGraph':
-        args['dont_resubmit_completed_jobs'] = True
+    series = simulate.functional_series(2)
+    anatomical = nt.load(simulate.anatomical_path())
+    workflow = realign.build_workflow(series, anatomical, tool='elastix', base_dir=shared / 'work')
 
-    graph = workflow.run(plugin=plugin, plugin_args=args)
+    first = realign.run(workflow, plugin)
     _wait_for_jobs()
-    (node,) = [n for n in graph.nodes() if n.name == 'register']
-    assert Path(node.result.outputs.warped_file).exists()
-    assert node.result.inputs['moving_image'].startswith(str(shared / 'store'))
+    found = realign.findings(first['graph'], series, 'elastix', anatomical)
+    assert found.ok, found.errors  # the motion came back through the cluster's jobs
+    assert all(Path(p).exists() for p in found.pictures)
+    coregister = realign.node_result(first['graph'], 'coregister')
+    assert coregister.inputs['fixed_image'] == anatomical.get_filename()
+    assert coregister.inputs['moving_image'].startswith(str(shared / 'store'))
+    assert first['volumes_registered'] == [0, 1]
 
     # the jobs really went through sbatch: SLURM wrote their output files
     scripts = _batch_files(shared / 'work', 'batchscript_*.sh')
     slurm_out = _job_outputs(shared / 'work')
     assert scripts and slurm_out
-    # what crosses to the jobs: the batch pickles, the node and its inputs (the result
-    # pickle also holds the tool's stdout, which does not grow with the images)
+    # what crosses to the jobs: the batch pickles, the node and its inputs, which hold
+    # the in-memory volumes and the mean image as file references, not as arrays
     pickles = [
         p
         for pattern in ('node_*.pklz', '_node.pklz', '_inputs.pklz')
@@ -102,7 +103,8 @@ def test_realign_through_sbatch_then_rerun_submits_nothing(cluster, shared, plug
     for pickle_file in pickles:
         assert pickle_file.stat().st_size < PICKLE_LIMIT, pickle_file
 
-    workflow.run(plugin=plugin, plugin_args=args)
+    second = realign.run(workflow, plugin)
     _wait_for_jobs()
+    assert second['nodes_run'] == 0
     assert _batch_files(shared / 'work', 'batchscript_*.sh') == scripts
     assert _job_outputs(shared / 'work') == slurm_out

@@ -2,13 +2,15 @@
 and the batch path; cached reruns execute nothing and write no image."""
 
 import os
+import pickle
+import shutil
 import sys
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
-from nipype.interfaces.utility import Function
+from nipype.interfaces.utility import Function, IdentityInterface
 from nipype.pipeline import engine as pe
 
 import nipype_nibtrack as nt
@@ -185,3 +187,207 @@ def test_batch_job_without_the_package_fails_saying_so(tmp_path):
     traceback = ''.join(nf.loadpkl(crashes[0])['traceback'])
     assert "No module named 'nipype_nibtrack" in traceback
     assert nf.count_runs(counter) == 0
+
+
+# ---------------------------------------------------------------- directories and workers
+# issue 9: an image stays tied to the file it holds whatever directory nipype works in
+# (items 1, 9), works however it loads (10), and every worker has the hooks and the
+# store chosen in code (16, 17)
+
+
+def _pipe(base: Path, first, first_inputs: dict, second=nf.describe) -> pe.Workflow:
+    """``first`` (a Function node returning an image) -> ``second`` (``describe``)."""
+    wf = pe.Workflow('pipe', base_dir=str(base))
+    wf.config['execution']['poll_sleep_duration'] = 0.05
+    make = pe.Node(
+        Function(input_names=list(first_inputs), output_names=['out'], function=first),
+        name='make',
+    )
+    for name, value in first_inputs.items():
+        setattr(make.inputs, name, value)
+    seen = pe.Node(
+        Function(input_names=['img'], output_names=['out'], function=second), name='seen'
+    )
+    wf.connect(make, 'out', seen, 'img')
+    return wf
+
+
+def _seen(base: Path, name: str = 'pipe') -> dict:
+    return nf.loadpkl(base / name / 'seen' / 'result_seen.pklz').outputs.out
+
+
+def _decoy(folder: Path, name: str, fill: float) -> None:
+    """An unrelated file of the same name, where the user's directory is."""
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), fill, 'f4'), np.eye(4)), str(folder / name))
+
+
+@pytest.mark.parametrize('plugin', ['Linear', 'MultiProc-fork', 'MultiProc-spawn'])
+def test_relative_image_returned_by_a_node_is_its_own_file(tmp_path, monkeypatch, plugin):
+    monkeypatch.chdir(tmp_path)
+    _decoy(tmp_path, 'out.nii', 7)  # the workflow's own, unrelated out.nii
+    run(_pipe(tmp_path, nf.write_and_load_relative, {'fill': 3.0}), plugin)
+    seen = _seen(tmp_path)
+    assert seen['sum'] == 3 * 64
+    assert seen['file'] == str(tmp_path / 'pipe' / 'make' / 'out.nii') and seen['exists']
+
+
+@pytest.mark.parametrize('plugin', ['Linear', 'MultiProc-fork', 'batch'])
+def test_relative_image_given_to_a_function_node(tmp_path, monkeypatch, plugin):
+    monkeypatch.chdir(tmp_path)
+    _decoy(tmp_path, 'in.nii', 5)
+    img = nib.load('in.nii')
+    wf = pe.Workflow('given', base_dir=str(tmp_path))
+    wf.config['execution']['poll_sleep_duration'] = 0.05
+    seen = pe.Node(
+        Function(input_names=['img'], output_names=['out'], function=nf.describe), name='seen'
+    )
+    seen.inputs.img = img
+    wf.add_nodes([seen])
+    run(wf, plugin)
+    out = _seen(tmp_path, 'given')
+    assert out['sum'] == 5 * 64 and out['file'] == str(tmp_path / 'in.nii')
+    # the node's own input is the user's image again (bound only for the run)
+    assert seen.inputs.img is img
+
+
+def test_relative_image_run_in_another_folder(tmp_path, monkeypatch):
+    # a Function interface run with cwd=: the body runs there, the image is named here
+    monkeypatch.chdir(tmp_path)
+    _decoy(tmp_path, 'in.nii', 5)
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    _decoy(elsewhere, 'in.nii', 9)  # what a relative read from there would see
+    img = nib.load('in.nii')
+    describe = Function(input_names=['img'], output_names=['out'], function=nf.describe)
+    result = describe.run(cwd=str(elsewhere), img=img)
+    assert result.outputs.out['sum'] == 5 * 64
+
+
+@pytest.mark.parametrize('remove', ['true', 'false'])
+@pytest.mark.parametrize('dirty', [False, True], ids=['clean', 'dirty'])
+def test_image_in_the_node_folder_reaches_the_next_node(tmp_path, dirty, remove):
+    wf = _pipe(tmp_path, nf.write_and_load_absolute, {'fill': 3.0, 'dirty': dirty})
+    wf.config['execution']['remove_unnecessary_outputs'] = remove
+    run(wf, 'Linear')
+    seen = _seen(tmp_path)
+    own = tmp_path / 'pipe' / 'make' / 'out.nii'
+    assert seen['sum'] == 3 * 64 and seen['exists']
+    if dirty:
+        # its content went to the store before the node folder was cleaned
+        assert seen['descrip'] == b'edited in the node'
+        assert seen['file'].startswith(str(nf.store_root()))
+        # the source file is not an output: removed with the other unneeded files
+        assert own.exists() == (remove == 'false')
+    else:
+        # the returned image is an output: its file is kept, like a string output's
+        assert seen['file'] == str(own) and own.exists()
+
+
+def test_unneeded_image_output_is_dropped_as_nipype_drops_files(tmp_path):
+    # remove_unnecessary_outputs: an output no node consumes loses its file, like a path
+    wf = pe.Workflow('alone', base_dir=str(tmp_path))
+    make = pe.Node(
+        Function(input_names=['fill', 'dirty'], output_names=['out', 'n'], function=_two_outputs),
+        name='make',
+    )
+    make.inputs.fill, make.inputs.dirty = 2.0, False
+    count = pe.Node(Function(input_names=['n'], output_names=['m'], function=_same), name='c')
+    wf.connect(make, 'n', count, 'n')
+    run(wf, 'Linear')
+    assert not (tmp_path / 'alone' / 'make' / 'out.nii').exists()
+
+
+def _two_outputs(fill, dirty):
+    import os
+
+    import nibabel as nib
+    import numpy as np
+
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), fill, 'f4'), np.eye(4)), 'out.nii')
+    return nib.load(os.path.abspath('out.nii')), 1
+
+
+def _same(n):
+    return n
+
+
+@pytest.fixture
+def chosen_store(tmp_path):
+    """A store chosen in code (not through $NIBTRACK_STORE, which workers inherit)."""
+    store = nt.set_store(tmp_path / 'chosen-store')
+    yield store
+    nt.set_store(None)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('plugin', ['MultiProc-spawn', 'MultiProc-forkserver', 'batch'])
+def test_fresh_workers_have_the_hooks_and_the_chosen_store(tmp_path, chosen_store, plugin):
+    # the first node has no image input: nothing in its pickle named our package
+    run(_pipe(tmp_path, nf.make_image, {}), plugin)
+    result = tmp_path / 'pipe' / 'make' / 'result_make.pklz'
+    assert result.stat().st_size < 8 * 1024, 'the image was pickled whole'
+    seen = _seen(tmp_path)
+    assert seen['exists'] and seen['store'] == str(chosen_store.root)
+    assert seen['file'].startswith(str(chosen_store.root) + os.sep)
+    expected = nf.make_image()
+    assert seen['sum'] == pytest.approx(float(expected.get_fdata().sum()), rel=1e-6)
+
+
+def test_store_chosen_in_a_worker_is_its_own(tmp_path, chosen_store):
+    # a process that chose a store in code keeps it when it unpickles a node
+    code = f"""
+        import pickle, sys
+        import nipype_nibtrack as nt
+        nt.set_store({str(tmp_path / 'mine')!r})
+        from nipype.interfaces.utility import IdentityInterface
+        pickle.loads(sys.stdin.buffer.read())
+        print(nt.get_store().root)
+    """
+    node = pe.Node(IdentityInterface(fields=['a'], a=1), name='n')
+    proc = nf.run_python(code, input=pickle.dumps(node), text=False)
+    assert proc.stdout.decode().strip() == str(tmp_path / 'mine')
+    # one that did not adopts the store of the process that pickled the node
+    proc = nf.run_python(code.replace('nt.set_store', 'str'), input=pickle.dumps(node), text=False)
+    assert proc.stdout.decode().strip() == str(chosen_store.root)
+
+
+def _format_images(tmp_path: Path) -> dict[str, object]:
+    from nibabel.testing import data_path
+
+    for name in ('phantom_EPI_asc_CLEAR_2_1.PAR', 'phantom_EPI_asc_CLEAR_2_1.REC'):
+        shutil.copy(os.path.join(data_path, name), tmp_path)
+    shutil.copy(os.path.join(data_path, 'minc2_1_scale.mnc'), tmp_path)
+    shutil.copy(os.path.join(data_path, 'example4d.nii.gz'), tmp_path)
+    return {
+        'parrec': nt.load(tmp_path / 'phantom_EPI_asc_CLEAR_2_1.PAR'),
+        'minc2': nt.load(tmp_path / 'minc2_1_scale.mnc'),
+        'keep_file_open': nt.load(tmp_path / 'example4d.nii.gz', keep_file_open=True),
+        'plain_parrec': nib.load(tmp_path / 'phantom_EPI_asc_CLEAR_2_1.PAR'),
+    }
+
+
+@pytest.mark.parametrize('plugin', ['Linear', 'MultiProc-fork'])
+def test_images_holding_open_files_go_through_function_and_map_nodes(tmp_path, plugin):
+    images = _format_images(tmp_path)
+    wf = pe.Workflow('formats', base_dir=str(tmp_path))
+    wf.config['execution']['poll_sleep_duration'] = 0.05
+    nodes = {}
+    for name, img in images.items():
+        nodes[name] = pe.Node(
+            Function(input_names=['img'], output_names=['out'], function=nf.voxel_sum), name=name
+        )
+        nodes[name].inputs.img = img
+    mapped = pe.MapNode(
+        Function(input_names=['img'], output_names=['out'], function=nf.voxel_sum),
+        iterfield=['img'],
+        name='mapped',
+    )
+    mapped.inputs.img = list(images.values())
+    wf.add_nodes([*nodes.values(), mapped])
+    run(wf, plugin)
+    expected = {n: float(np.asanyarray(i.dataobj, dtype='f8').sum()) for n, i in images.items()}
+    for name in images:
+        got = nf.loadpkl(tmp_path / 'formats' / name / f'result_{name}.pklz').outputs.out
+        assert got == pytest.approx(expected[name], rel=1e-9), name
+    got = nf.loadpkl(tmp_path / 'formats' / 'mapped' / 'result_mapped.pklz').outputs.out
+    assert got == pytest.approx(list(expected.values()), rel=1e-9)

@@ -7,7 +7,7 @@ by a process that has them carries what installs them in the process that unpick
 Built only on the core's public API (:mod:`nipype_nibtrack`).
 """
 
-from . import exporting, hashing, mirror, nodes, pickling
+from . import binding, exporting, hashing, mirror, nodes, pickling
 from .accept import (
     accept_images,
     formats_for,
@@ -18,6 +18,7 @@ from .accept import (
 )
 from .traits import ImageFile, InputMultiImage, contains_image, is_image, iter_images
 
+binding.install()
 exporting.install()
 hashing.install()
 mirror.install()

@@ -6,7 +6,9 @@ same file, the same hash after an edit. :func:`install` makes nipype hash an ima
 the file it resolves to: a clean image exactly like its own path (under both
 ``hash_method`` settings), a dirty one like its content-addressed store file, which is
 written once and never touched. It also names iterable folders after image content
-instead of ``str(img)``, which is the same for two images with equal headers.
+instead of ``str(img)``, which is the same for two images with equal headers, and
+records an image in nipype's provenance (``write_provenance``) as the file it
+resolves to, where nipype's encoder failed on the header object.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 
 from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.pipeline.engine import utils as engine_utils
+from nipype.utils import provenance as nipype_provenance
 
 from .. import image_label, resolve
 from .traits import is_image, iter_images
@@ -89,7 +92,20 @@ def install() -> None:
         finally:
             _resolved_in_call.reset(token)
 
+    safe_encode = nipype_provenance.safe_encode
+    prov_encode = nipype_provenance.prov_encode
+
+    def _safe_encode(x: Any, as_literal: bool = True) -> Any:
+        return safe_encode(_path_of(x) if is_image(x) else x, as_literal=as_literal)
+
+    def _prov_encode(graph: Any, value: Any, create_container: bool = True) -> Any:
+        # a path becomes a file entity (with its hash) in nipype's provenance graph
+        value = _path_of(value) if is_image(value) else value
+        return prov_encode(graph, value, create_container=create_container)
+
     _get_sorteddict._nibtrack = True
     BaseTraitedSpec._get_sorteddict = _get_sorteddict
     BaseTraitedSpec.get_hashval = get_hashval
     engine_utils._get_valid_pathstr = _get_valid_pathstr
+    nipype_provenance.safe_encode = _safe_encode
+    nipype_provenance.prov_encode = _prov_encode

@@ -12,6 +12,13 @@ a reference to the file it resolves to (dirty images are written to the store fi
 
 A reference loads back, with :func:`nipype_nibtrack.load`, as a clean image of that
 file: in a batch worker that has only imported ``nipype_nibtrack``.
+
+A fourth hook makes every nipype spec pickle with :func:`rebuild_spec` as its
+reconstructor. A fresh interpreter that unpickles a node (a MultiProc worker started
+with ``spawn`` or ``forkserver``, a SLURM job, ``nipypecli crash``) imports this module
+first, which installs the hooks there too, and adopts the store chosen in code by the
+process that pickled it (:func:`adopt_settings`). Every pickled node holds specs, so no
+worker runs a node without the hooks, even one whose inputs hold no image.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ import io
 import logging
 import os
 import pickle
+import threading
 import types
 from typing import Any
 
@@ -27,10 +35,18 @@ from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.interfaces.base.support import InterfaceResult
 from nipype.utils import filemanip
 
-from .. import ENV_VAR, as_filename, load
+from .. import ENV_VAR, as_filename, chosen_store, load, set_store
 from .traits import contains_image, is_image
 
-__all__ = ['ImagePickler', 'ImageReference', 'install', 'load_reference']
+__all__ = [
+    'ImagePickler',
+    'ImageReference',
+    'adopt_settings',
+    'install',
+    'load_reference',
+    'rebuild_spec',
+    'settings',
+]
 
 logger = logging.getLogger('nipype_nibtrack')
 
@@ -150,6 +166,74 @@ _pickle_for_nipype.dump = _dump
 _pickle_for_nipype.dumps = _dumps
 
 
+# ---------------------------------------------------------------- settings for workers
+
+#: Root of the store this process adopted from a pickle (None: it adopted none)
+_adopted: str | None = None
+_adopt_lock = threading.Lock()
+
+
+def settings() -> dict[str, str]:
+    """What a process that unpickles our pickles must share with this one.
+
+    Only a store chosen in code (:func:`nipype_nibtrack.set_store`): a fresh interpreter
+    does not inherit it, while ``$NIBTRACK_STORE`` travels in the environment anyway.
+
+    >>> import tempfile
+    >>> import nipype_nibtrack as nt
+    >>> root = tempfile.mkdtemp()
+    >>> settings()
+    {}
+    >>> {'store': str(nt.set_store(root).root)} == settings()
+    True
+    >>> _ = nt.set_store(None)
+    """
+    store = chosen_store()
+    return {} if store is None else {'store': str(store.root)}
+
+
+def adopt_settings(carried: dict[str, str]) -> None:
+    """Use the store a pickle carries, unless this process chose its own in code.
+
+    A process that adopted a store from an earlier pickle follows the newer one.
+
+    >>> import tempfile
+    >>> import nipype_nibtrack as nt
+    >>> root = tempfile.mkdtemp()
+    >>> adopt_settings({'store': root})
+    >>> str(nt.get_store().root) == root
+    True
+    >>> _ = nt.set_store(None)
+    """
+    global _adopted
+    root = carried.get('store')
+    if root is None:
+        return
+    with _adopt_lock:
+        chosen = chosen_store()
+        if chosen is not None and (str(chosen.root) == root or str(chosen.root) != _adopted):
+            return
+        _adopted = str(set_store(root).root)
+
+
+def rebuild_spec(klass: type, carried: dict[str, str]) -> Any:
+    """Reconstructor of every nipype spec pickled with the hooks installed.
+
+    Unpickling names this function first, so the process imports this package (which
+    installs the hooks) and adopts ``carried`` before anything in the pickle runs;
+    then it builds the spec as traits' own reconstructor does (``__setstate__`` follows).
+
+    >>> import pickle
+    >>> from nipype.interfaces.utility import IdentityInterface
+    >>> spec = IdentityInterface(fields=['a'], a=3).inputs
+    >>> reducer, args, state = spec.__reduce_ex__(4)
+    >>> reducer is rebuild_spec, pickle.loads(pickle.dumps(spec)).a
+    (True, 3)
+    """
+    adopt_settings(carried)
+    return klass.__new__(klass)
+
+
 def _trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
     from .accept import trait_formats
 
@@ -157,7 +241,7 @@ def _trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
 
 
 def install() -> None:
-    """Install the three hooks; calling it again changes nothing."""
+    """Install the four hooks; calling it again changes nothing."""
     if getattr(BaseTraitedSpec.__getstate__, '_nibtrack', False):
         return
     spec_getstate = BaseTraitedSpec.__getstate__
@@ -175,8 +259,13 @@ def install() -> None:
             state['inputs'] = references(state['inputs'])
         return state
 
+    def __reduce_ex__(self: BaseTraitedSpec, protocol: int) -> tuple:
+        # traits' own: (__newobj__, (cls,), state); ours also installs the hooks
+        return rebuild_spec, (type(self), settings()), self.__getstate__()
+
     __getstate__._nibtrack = True
     __getstate__.__doc__ = spec_getstate.__doc__
     BaseTraitedSpec.__getstate__ = __getstate__
+    BaseTraitedSpec.__reduce_ex__ = __reduce_ex__
     InterfaceResult.__getstate__ = result_getstate
     filemanip.pickle = _pickle_for_nipype
