@@ -37,7 +37,7 @@ from .digest import (
     meta_digest,
     proxy_blocks,
 )
-from .snapshot import snapshot
+from .snapshot import extension_bytes, snapshot
 
 __all__ = [
     'ContentChanged',
@@ -67,6 +67,7 @@ _BY_EXT = {
     '.hdr': nib.Nifti1Pair,
     '.img': nib.Nifti1Pair,
     '.img.gz': nib.Nifti1Pair,
+    '.hdr.gz': nib.Nifti1Pair,  # the header of a gzipped pair, as '.hdr' of a plain one
     '.mgh': MGHImage,
     '.mgz': MGHImage,
 }
@@ -134,7 +135,7 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
             for t in _candidates(img, None)
             if t.ext not in (formats or ()) and _holds(img, t)
         ]
-    dtype = getattr(img, 'get_data_dtype', lambda: None)()
+    dtype = _data_dtype(img)
     asked = list(formats) if formats is not None else 'its own format'
     what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
     raise ValueError(
@@ -143,6 +144,21 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
         + '. Formats that would hold it: '
         + (', '.join(dict.fromkeys(holding)) or 'none')
     )
+
+
+def _data_dtype(img: Any) -> np.dtype | None:
+    """The dtype the image declares for its data, or None when it declares none.
+
+    ECAT images declare one per frame (``get_data_dtype(frame)``): none for the image.
+
+    >>> import numpy as np, nibabel as nib
+    >>> _data_dtype(nib.Nifti1Image(np.zeros((2, 2, 2), 'i2'), np.eye(4)))
+    dtype('int16')
+    """
+    try:
+        return np.dtype(img.get_data_dtype())
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def _holds(img: Any, target: Target) -> bool:
@@ -312,11 +328,7 @@ def plan(img: Any, target: Target) -> Plan:
     # The image to write, holding a placeholder that takes no memory: its header is
     # nibabel's own conversion of the image's (from_header, then update_header)
     placeholder = np.broadcast_to(np.zeros((), np.uint8), shape)
-    try:
-        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
-            out = klass(placeholder, img.affine, img.header)
-    except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
-        raise _refuse(img, target, f'its shape {shape} ({err})') from None
+    out = _output_image(img, target, placeholder)
     header = out.header
     scaling = (1.0, 0.0)
     scaled = None
@@ -338,12 +350,14 @@ def plan(img: Any, target: Target) -> Plan:
         if _supports(header, asked):
             header.set_data_dtype(asked)
     asked = header.get_data_dtype()
-    declared = asked if alias is not None else np.dtype(img.get_data_dtype())
-    # A float dtype the image itself declares for the float array it was given: the
-    # user asked for that cast (nib.save makes the same). Never for an edited cache.
+    declared = asked if alias is not None else _data_dtype(img)
+    declared = shown if declared is None else declared
+    # A float dtype the image itself declares for the float values its data object
+    # gives (an array, or a proxy's scaled values after set_data_dtype): the user asked
+    # for that cast, and nib.save makes the same. The same rule for arrays and proxies,
+    # so that equal content is written alike. Never for an edited cache.
     users_choice = (
-        isinstance(values, np.ndarray)
-        and values is img.dataobj
+        values is img.dataobj
         and _le(asked) == _le(declared)
         and asked.kind == 'f'
         and shown.kind == 'f'
@@ -378,11 +392,90 @@ def plan(img: Any, target: Target) -> Plan:
                 f'a reader of {target.ext} would get another affine (the format stores it '
                 'in float32 or as zooms and directions); NIfTI-2 (.nii) holds it exactly',
             )
+    _check_readable(img, target, out)
     if snapshot(img) != snap:
         # header or affine edited while the output header was made from them: what was
         # hashed (meta) may not be what would be written
         raise ContentChanged('the header or affine changed while the write was planned')
     return Plan(target, out, values, np.dtype(src), raw, tag, meta, scaled, users_choice)
+
+
+def _output_image(img: Any, target: Target, placeholder: np.ndarray) -> Any:
+    """The image to write, with nibabel's own conversion of ``img``'s header.
+
+    A header nibabel cannot convert (ECAT's declares a dtype per frame only) gives a
+    fresh header: what such a header holds beyond shape, dtype and zooms has no place
+    in the target anyway, and :func:`_check_readable` checks the zooms.
+    """
+    klass = target.klass
+    shape = placeholder.shape
+    try:
+        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
+            return klass(placeholder, img.affine, img.header)
+    except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
+        if len(shape) > {MGHImage: 4}.get(klass, 7):
+            raise _refuse(img, target, f'its shape {shape} ({err})') from None
+        why = err
+    try:
+        with LoggingOutputSuppressor():
+            return klass(placeholder, img.affine)
+    except Exception as err:
+        raise _refuse(
+            img, target, f'nibabel cannot convert its {type(img.header).__name__} ({why}; {err})'
+        ) from None
+
+
+#: MGH stores TR in milliseconds; NIfTI says its time unit (``xyzt_units``)
+_MS_PER = {'msec': 1.0, 'unknown': 1.0}
+
+
+def _zooms(header: Any) -> np.ndarray | None:
+    try:
+        return np.asarray(header.get_zooms(), np.float32)
+    except Exception:  # ECAT: zooms per frame; no header zooms to keep
+        return None
+
+
+def _check_readable(img: Any, target: Target, out: Any) -> None:
+    """Refuse a target whose file a reader would get less from than ``img`` holds.
+
+    Beyond values and affine: NIfTI extensions (MGH has no place for them), the zooms
+    of the axes beyond space (TR: nibabel's MGH conversion drops it; it is carried
+    here when the time unit says milliseconds), and data with an empty axis, which
+    nibabel loads back only from a plain ``.nii``.
+    """
+    if isinstance(out, MGHImage):
+        want = _zooms(img.header)
+        units = getattr(img.header, 'get_xyzt_units', None)
+        unit = units()[1] if units is not None else 'unknown'
+        if want is not None and len(want) == 4 and want[3] and unit in _MS_PER:
+            out.header['tr'] = want[3] * _MS_PER[unit]
+    if extension_bytes(img.header) != extension_bytes(out.header):
+        codes = [int(e.get_code()) for e in img.header.extensions]
+        raise _refuse(
+            img,
+            target,
+            f'{target.ext} cannot hold its NIfTI extensions (codes {codes}); NIfTI '
+            '(.nii, .nii.gz, .hdr/.img) does. To convert without them, clear '
+            'img.header.extensions on a copy',
+        )
+    want, got = _zooms(img.header), _zooms(out.header)
+    beyond = want is not None and got is not None and len(want) > 3
+    if beyond and not np.array_equal(got[3:], want[3:]):
+        raise _refuse(
+            img,
+            target,
+            f'a reader of {target.ext} would get the zooms {got[3:].tolist()} beyond '
+            f'space instead of {want[3:].tolist()} (time unit, TR)',
+        )
+    if 0 in out.shape and target.ext != '.nii':
+        raise _refuse(
+            img,
+            target,
+            f'its shape {tuple(out.shape)} has an empty axis, which nibabel cannot load '
+            f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
+            'a compressed file loads with the wrong shape); .nii holds it',
+        )
 
 
 def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:
