@@ -153,7 +153,7 @@ def _data_dtype(img: Any) -> np.dtype | None:
 
     >>> import numpy as np, nibabel as nib
     >>> _data_dtype(nib.Nifti1Image(np.zeros((2, 2, 2), 'i2'), np.eye(4)))
-    dtype('int16')
+    dtype('<i2')
     """
     try:
         return np.dtype(img.get_data_dtype())
