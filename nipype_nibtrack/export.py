@@ -8,8 +8,10 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +24,7 @@ from nibabel.brikhead import AFNIArrayProxy
 from nibabel.cifti2 import Cifti2Image
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
-from nibabel.imageglobals import LoggingOutputSuppressor
+from nibabel.imageglobals import logger as _nibabel_logger
 from nibabel.nifti1 import Nifti1Pair
 from nibabel.volumeutils import apply_read_scaling, seek_tell
 
@@ -89,6 +91,33 @@ def _family(img: Any) -> tuple[type, tuple[str, ...]]:
 _PAIRS = {nib.Nifti1Image: nib.Nifti1Pair, nib.Nifti2Image: nib.Nifti2Pair}
 
 
+class _ThisThread:
+    """A logging filter that drops the records of one thread."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def filter(self, record: Any) -> bool:
+        return record.thread != self.thread
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Silence the fixes nibabel logs while converting headers, in this thread only.
+
+    Not nibabel's ``LoggingOutputSuppressor``: it removes handlers from the very list
+    it iterates over and keeps, so it never puts them back, and a nested use leaves
+    nibabel's logger without handlers for good (its warnings then reach stderr through
+    logging's last-resort handler, in the user's process).
+    """
+    quiet = _ThisThread()
+    _nibabel_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        _nibabel_logger.removeFilter(quiet)
+
+
 def _candidates(img: Any, formats: tuple[str, ...] | None) -> list[Target]:
     """Targets to try, in order: the image's own family, NIfTI-1, NIfTI-2, the rest."""
     family, exts = _family(img)
@@ -124,7 +153,7 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
     """
     reasons = []
     # nibabel logs the fixes it makes converting headers (NIfTI-1 to NIfTI-2): noise here
-    with LoggingOutputSuppressor():
+    with _quiet_nibabel():
         for target in _candidates(img, formats):
             try:
                 return plan(img, target)
@@ -410,14 +439,14 @@ def _output_image(img: Any, target: Target, placeholder: np.ndarray) -> Any:
     klass = target.klass
     shape = placeholder.shape
     try:
-        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
+        with _quiet_nibabel():  # NIfTI-2 from a NIfTI-1 header logs its fixes
             return klass(placeholder, img.affine, img.header)
     except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
         if len(shape) > {MGHImage: 4}.get(klass, 7):
             raise _refuse(img, target, f'its shape {shape} ({err})') from None
         why = err
     try:
-        with LoggingOutputSuppressor():
+        with _quiet_nibabel():
             return klass(placeholder, img.affine)
     except Exception as err:
         raise _refuse(
@@ -444,6 +473,14 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
     here when the time unit says milliseconds), and data with an empty axis, which
     nibabel loads back only from a plain ``.nii``.
     """
+    if 0 in out.shape and target.ext != '.nii':
+        raise _refuse(
+            img,
+            target,
+            f'its shape {tuple(out.shape)} has an empty axis, which nibabel cannot load '
+            f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
+            'a compressed file loads with the wrong shape); .nii holds it',
+        )
     if isinstance(out, MGHImage):
         want = _zooms(img.header)
         units = getattr(img.header, 'get_xyzt_units', None)
@@ -467,14 +504,6 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
             target,
             f'a reader of {target.ext} would get the zooms {got[3:].tolist()} beyond '
             f'space instead of {want[3:].tolist()} (time unit, TR)',
-        )
-    if 0 in out.shape and target.ext != '.nii':
-        raise _refuse(
-            img,
-            target,
-            f'its shape {tuple(out.shape)} has an empty axis, which nibabel cannot load '
-            f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
-            'a compressed file loads with the wrong shape); .nii holds it',
         )
 
 
@@ -515,7 +544,9 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
         if same:
             data = values.astype(out_dtype, copy=False)
         else:
-            with np.errstate(all='ignore'):
+            with np.errstate(all='ignore'), warnings.catch_warnings():
+                # complex to real: whether the imaginary parts were all zero is answered below
+                warnings.simplefilter('ignore', np.exceptions.ComplexWarning)
                 data = values.astype(out_dtype)
             if not p.cast and not _survives(values, out_dtype):
                 raise ContentChanged('a value changed and no longer survives the dtype')
