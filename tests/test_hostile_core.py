@@ -14,6 +14,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import threading
 from pathlib import Path
 
 import nibabel as nib
@@ -374,3 +375,36 @@ def test_conversions_leave_nibabels_logger_as_they_found_it(capfd, store):
     nt.as_filename(nib.Nifti1Image(np.zeros((2, 2, 2), np.complex64), np.eye(4)), formats='.mgz')
     assert logger.handlers == handlers and logger.filters == filters
     assert 'sizeof_hdr' not in capfd.readouterr().err
+
+
+def test_an_image_edited_by_a_thread_without_pause_is_refused_blaming_the_image(tmp_path, store):
+    # the file never changes: the error must not say it does
+    path = tmp_path / 'src.nii'
+    nib.save(nib.Nifti1Image(np.zeros((64, 64, 32), np.float32), np.eye(4)), path)
+    img = nt.load(path)
+    cache = img.get_fdata()
+    stop = threading.Event()
+
+    def edit():
+        k = 0
+        while not stop.is_set():
+            k += 1
+            cache[:] = k
+
+    thread = threading.Thread(target=edit)
+    thread.start()
+    try:
+        outcomes = []
+        for _ in range(5):
+            try:
+                outcomes.append(nt.as_filename(img))
+            except nt.ImageReadError as err:
+                outcomes.append(err)
+    finally:
+        stop.set()
+        thread.join()
+    for got in outcomes:
+        if isinstance(got, Exception):
+            assert 'in memory' in str(got) and 'on disk' not in str(got)
+        else:  # a write that won the race holds one state, never a torn one
+            assert len(np.unique(np.asanyarray(nib.load(got).dataobj))) == 1
