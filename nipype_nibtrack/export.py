@@ -375,7 +375,15 @@ def plan(img: Any, target: Target) -> Plan:
     shown = _scaled_dtype(scaled) if scaled is not None else np.dtype(src)
     alias = getattr(img, '_dtype_alias', None)
     if alias is not None:  # 'compat', 'smallest': decided from the values, as nib.save does
-        asked = _finalized_alias(img, values, alias)
+        try:
+            asked = _finalized_alias(img, values, alias)
+        except ValueError as err:  # 'smallest' of float values: no integer type holds them
+            raise _refuse(
+                img,
+                target,
+                f'its data dtype alias {alias!r} cannot be resolved for its {src} values '
+                f'({err}); call img.set_data_dtype() with an explicit dtype',
+            ) from None
         if _supports(header, asked):
             header.set_data_dtype(asked)
     asked = header.get_data_dtype()

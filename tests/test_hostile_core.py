@@ -338,10 +338,17 @@ def test_any_array_is_written_exactly_or_refused(data, klass, formats, saved, tm
             cache = img.get_fdata()
             cache.flat[0] = -0.0
     try:
+        nt.check_image(img, formats)  # what an input checks: refuses what export refuses
+        checked = None
+    except ValueError as err:
+        checked = err
+    try:
         handed = nt.as_filename(img, formats=formats, store=store)
     except ValueError as err:
         assert 'exactly' in str(err) or 'cannot' in str(err)
+        assert checked is not None, f'accepted at check time, refused when resolved: {err}'
         return
+    assert checked is None, f'refused at check time, written when resolved: {checked}'
     if 0 in data.shape and not handed.endswith('.nii'):
         pytest.fail(f'an empty image handed out as {handed}')
     out = nib.load(handed)
@@ -408,3 +415,23 @@ def test_an_image_edited_by_a_thread_without_pause_is_refused_blaming_the_image(
             assert 'in memory' in str(got) and 'on disk' not in str(got)
         else:  # a write that won the race holds one state, never a torn one
             assert len(np.unique(np.asanyarray(nib.load(got).dataobj))) == 1
+
+
+@pytest.mark.parametrize('alias', ['smallest', 'compat'])
+@pytest.mark.parametrize('edited', [False, True])
+def test_dtype_aliases_are_written_exactly_or_refused_clearly(alias, edited, tmp_path, store):
+    path = tmp_path / 'ints.nii'
+    nib.save(nib.Nifti1Image(np.array([[[0, 300]]] * 2, np.int16), np.eye(4)), path)
+    img = nt.load(path)
+    if edited:
+        img.get_fdata()[0, 0, 0] = 0.5  # float values: 'smallest' has no integer for them
+    img.set_data_dtype(alias)
+    try:
+        handed = nt.as_filename(img)
+    except ValueError as err:
+        assert alias == 'smallest' and edited
+        assert "alias 'smallest'" in str(err) and 'set_data_dtype' in str(err)
+        with pytest.raises(ValueError, match='smallest'):
+            nt.check_image(img)
+        return
+    _assert_values(handed, img)
