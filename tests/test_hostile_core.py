@@ -435,3 +435,18 @@ def test_dtype_aliases_are_written_exactly_or_refused_clearly(alias, edited, tmp
             nt.check_image(img)
         return
     _assert_values(handed, img)
+
+
+@pytest.mark.parametrize('name', [b'caf\xe9.nii', b'new\nline.nii', b'\xff\xfe.img'])
+def test_file_names_in_no_encoding_work_as_bytes_str_and_path(name, tmp_path, store):
+    raw = os.path.join(os.fsencode(tmp_path), name)
+    klass = nib.Nifti1Pair if name.endswith(b'.img') else nib.Nifti1Image
+    nib.save(klass(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4)), os.fsdecode(raw))
+    assert nt.as_filename(raw) == os.fsdecode(raw)  # nt.load takes bytes: so does this
+    for given in (raw, os.fsdecode(raw), Path(os.fsdecode(raw))):
+        img = nt.load(given)
+        assert nt.as_filename(img) == os.fsdecode(raw)
+        img.header['descrip'] = b'edited'
+        handed = nt.as_filename(img)
+        assert os.path.basename(handed).isascii()
+        _assert_values(handed, img)
