@@ -443,8 +443,8 @@ def test_file_names_in_no_encoding_work_as_bytes_str_and_path(name, tmp_path, st
     klass = nib.Nifti1Pair if name.endswith(b'.img') else nib.Nifti1Image
     nib.save(klass(np.arange(24, dtype=np.int16).reshape(2, 3, 4), np.eye(4)), os.fsdecode(raw))
     assert nt.as_filename(raw) == os.fsdecode(raw)  # nt.load takes bytes: so does this
-    for given in (raw, os.fsdecode(raw), Path(os.fsdecode(raw))):
-        img = nt.load(given)
+    for spelled in (raw, os.fsdecode(raw), Path(os.fsdecode(raw))):
+        img = nt.load(spelled)
         assert nt.as_filename(img) == os.fsdecode(raw)
         img.header['descrip'] = b'edited'
         handed = nt.as_filename(img)
