@@ -89,7 +89,7 @@ class Resolution:
 def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | None:
     """Lower-case extensions with a leading dot, in the caller's order.
 
-    >>> normalise_formats(['nii.gz', '.NII'])
+    >>> normalise_formats(['nii.gz', ' .NII'])
     ('.nii.gz', '.nii')
     >>> normalise_formats(None) is None
     True
@@ -98,7 +98,8 @@ def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | 
         return None
     if isinstance(formats, str):
         formats = (formats,)
-    out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in formats)
+    names = [f.strip() for f in formats]  # ' .nii' from a config file is '.nii'
+    out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in names if f)
     if not out:
         raise ValueError('formats must name at least one extension, such as ".nii"')
     return out

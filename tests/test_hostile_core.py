@@ -450,3 +450,12 @@ def test_file_names_in_no_encoding_work_as_bytes_str_and_path(name, tmp_path, st
         handed = nt.as_filename(img)
         assert os.path.basename(handed).isascii()
         _assert_values(handed, img)
+
+
+@pytest.mark.parametrize(
+    ('formats', 'want'), [(' .nii ', ('.nii',)), (['NII.GZ ', '', '.mgz'], ('.nii.gz', '.mgz'))]
+)
+def test_formats_from_a_config_file_are_read_as_meant(formats, want):
+    assert nt.normalise_formats(formats) == want
+    with pytest.raises(ValueError, match='at least one extension'):
+        nt.normalise_formats(['', ' '])
