@@ -400,7 +400,7 @@ def resolve(
 
     Parameters
     ----------
-    value : str, bytes, os.PathLike or nibabel image
+    value : str, os.PathLike or nibabel image
     formats : sequence of str, optional
         Extensions the consumer reads, such as ``('.nii', '.nii.gz')``. None accepts
         the image's own format.
@@ -429,7 +429,7 @@ def resolve(
     >>> again.action, again.reason, os.path.basename(again.path)
     ('reused', 'image has no file', 'image.nii')
     """
-    if isinstance(value, (str, bytes, os.PathLike)):  # bytes: a name in no encoding
+    if isinstance(value, (str, os.PathLike)):
         return Resolution(_existing_file(value), 'path')
     _check_image(value)
     accepted = normalise_formats(formats)
@@ -466,7 +466,7 @@ def as_filename(
 
     Parameters
     ----------
-    value : str, bytes, os.PathLike or nibabel image
+    value : str, os.PathLike or nibabel image
     formats : sequence of str, optional
         Extensions the consumer reads; an image in another format is converted.
     store : Store, optional
