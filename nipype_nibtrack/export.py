@@ -14,18 +14,20 @@ import os
 import threading
 import warnings
 from dataclasses import dataclass
+from functools import singledispatch
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import xxhash
 from nibabel.arrayproxy import ArrayProxy
-from nibabel.brikhead import AFNIArrayProxy
+from nibabel.brikhead import AFNIArrayProxy, AFNIHeader
 from nibabel.cifti2 import Cifti2Image
-from nibabel.freesurfer.mghformat import MGHImage
+from nibabel.freesurfer.mghformat import MGHHeader, MGHImage
 from nibabel.gifti import GiftiImage
 from nibabel.imageglobals import logger as _nibabel_logger
 from nibabel.nifti1 import Nifti1Pair
+from nibabel.parrec import PARRECHeader
 from nibabel.volumeutils import apply_read_scaling, seek_tell
 
 from .digest import (
@@ -466,6 +468,51 @@ def _output_image(img: Any, target: Target, placeholder: np.ndarray) -> Any:
 _MS_PER = {'msec': 1.0, 'unknown': 1.0}
 
 
+@singledispatch
+def time_unit(header: Any) -> str | None:
+    """The unit of a header's time zoom (``get_zooms()[3]``), None when unknown.
+
+    MGH stores TR in milliseconds: a time zoom is carried into it only when its unit
+    is known to be milliseconds (or NIfTI's 'unknown', which is what nibabel writes
+    converting MGH to NIfTI). MINC and headers without a rule: None (refused when the
+    zoom is not 0).
+
+    >>> import nibabel as nib
+    >>> from nibabel.freesurfer.mghformat import MGHHeader
+    >>> hdr = nib.Nifti1Header()
+    >>> hdr.set_xyzt_units('mm', 'msec')
+    >>> time_unit(hdr), time_unit(MGHHeader())
+    ('msec', 'msec')
+    """
+    return None
+
+
+@time_unit.register
+def _(header: nib.Nifti1Header) -> str | None:
+    return header.get_xyzt_units()[1]
+
+
+@time_unit.register
+def _(header: nib.AnalyzeHeader) -> str | None:
+    return 'unknown'  # no units field: as a NIfTI header that says 'unknown'
+
+
+@time_unit.register
+def _(header: MGHHeader) -> str | None:
+    return 'msec'
+
+
+@time_unit.register
+def _(header: PARRECHeader) -> str | None:
+    return 'sec'  # nibabel divides the PAR file's repetition time [ms] by 1000
+
+
+@time_unit.register
+def _(header: AFNIHeader) -> str | None:
+    nums = header.info.get('TAXIS_NUMS')
+    return {77001: 'msec', 77002: 'sec'}.get(int(nums[2])) if nums is not None else None
+
+
 def _zooms(header: Any) -> np.ndarray | None:
     try:
         return np.asarray(header.get_zooms(), np.float32)
@@ -491,8 +538,7 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
         )
     if isinstance(out, MGHImage):
         want = _zooms(img.header)
-        units = getattr(img.header, 'get_xyzt_units', None)
-        unit = units()[1] if units is not None else 'unknown'
+        unit = time_unit(img.header)
         if want is not None and len(want) == 4 and want[3] and unit in _MS_PER:
             out.header['tr'] = want[3] * _MS_PER[unit]
     if extension_bytes(img.header) != extension_bytes(out.header):
