@@ -8,22 +8,26 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 import warnings
 from dataclasses import dataclass
+from functools import singledispatch
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 import xxhash
 from nibabel.arrayproxy import ArrayProxy
-from nibabel.brikhead import AFNIArrayProxy
+from nibabel.brikhead import AFNIArrayProxy, AFNIHeader
 from nibabel.cifti2 import Cifti2Image
-from nibabel.freesurfer.mghformat import MGHImage
+from nibabel.freesurfer.mghformat import MGHHeader, MGHImage
 from nibabel.gifti import GiftiImage
-from nibabel.imageglobals import LoggingOutputSuppressor
+from nibabel.imageglobals import logger as _nibabel_logger
 from nibabel.nifti1 import Nifti1Pair
+from nibabel.parrec import PARRECHeader
 from nibabel.volumeutils import apply_read_scaling, seek_tell
 
 from .digest import (
@@ -37,7 +41,7 @@ from .digest import (
     meta_digest,
     proxy_blocks,
 )
-from .snapshot import snapshot
+from .snapshot import extension_bytes, snapshot
 
 __all__ = [
     'ContentChanged',
@@ -67,6 +71,7 @@ _BY_EXT = {
     '.hdr': nib.Nifti1Pair,
     '.img': nib.Nifti1Pair,
     '.img.gz': nib.Nifti1Pair,
+    '.hdr.gz': nib.Nifti1Pair,  # the header of a gzipped pair, as '.hdr' of a plain one
     '.mgh': MGHImage,
     '.mgz': MGHImage,
 }
@@ -86,6 +91,33 @@ def _family(img: Any) -> tuple[type, tuple[str, ...]]:
 
 
 _PAIRS = {nib.Nifti1Image: nib.Nifti1Pair, nib.Nifti2Image: nib.Nifti2Pair}
+
+
+class _ThisThread:
+    """A logging filter that drops the records of one thread."""
+
+    def __init__(self) -> None:
+        self.thread = threading.get_ident()
+
+    def filter(self, record: Any) -> bool:
+        return record.thread != self.thread
+
+
+@contextlib.contextmanager
+def _quiet_nibabel():
+    """Silence the fixes nibabel logs while converting headers, in this thread only.
+
+    Not nibabel's ``LoggingOutputSuppressor``: it removes handlers from the very list
+    it iterates over and keeps, so it never puts them back, and a nested use leaves
+    nibabel's logger without handlers for good (its warnings then reach stderr through
+    logging's last-resort handler, in the user's process).
+    """
+    quiet = _ThisThread()
+    _nibabel_logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        _nibabel_logger.removeFilter(quiet)
 
 
 def _candidates(img: Any, formats: tuple[str, ...] | None) -> list[Target]:
@@ -123,7 +155,7 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
     """
     reasons = []
     # nibabel logs the fixes it makes converting headers (NIfTI-1 to NIfTI-2): noise here
-    with LoggingOutputSuppressor():
+    with _quiet_nibabel():
         for target in _candidates(img, formats):
             try:
                 return plan(img, target)
@@ -134,7 +166,7 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
             for t in _candidates(img, None)
             if t.ext not in (formats or ()) and _holds(img, t)
         ]
-    dtype = getattr(img, 'get_data_dtype', lambda: None)()
+    dtype = _data_dtype(img)
     asked = list(formats) if formats is not None else 'its own format'
     what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
     raise ValueError(
@@ -143,6 +175,21 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
         + '. Formats that would hold it: '
         + (', '.join(dict.fromkeys(holding)) or 'none')
     )
+
+
+def _data_dtype(img: Any) -> np.dtype | None:
+    """The dtype the image declares for its data, or None when it declares none.
+
+    ECAT images declare one per frame (``get_data_dtype(frame)``): none for the image.
+
+    >>> import numpy as np, nibabel as nib
+    >>> _data_dtype(nib.Nifti1Image(np.zeros((2, 2, 2), 'i2'), np.eye(4)))
+    dtype('<i2')
+    """
+    try:
+        return np.dtype(img.get_data_dtype())
+    except (AttributeError, TypeError, NotImplementedError):
+        return None
 
 
 def _holds(img: Any, target: Target) -> bool:
@@ -312,11 +359,7 @@ def plan(img: Any, target: Target) -> Plan:
     # The image to write, holding a placeholder that takes no memory: its header is
     # nibabel's own conversion of the image's (from_header, then update_header)
     placeholder = np.broadcast_to(np.zeros((), np.uint8), shape)
-    try:
-        with LoggingOutputSuppressor():  # NIfTI-2 from a NIfTI-1 header logs its fixes
-            out = klass(placeholder, img.affine, img.header)
-    except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
-        raise _refuse(img, target, f'its shape {shape} ({err})') from None
+    out = _output_image(img, target, placeholder)
     header = out.header
     scaling = (1.0, 0.0)
     scaled = None
@@ -334,16 +377,26 @@ def plan(img: Any, target: Target) -> Plan:
     shown = _scaled_dtype(scaled) if scaled is not None else np.dtype(src)
     alias = getattr(img, '_dtype_alias', None)
     if alias is not None:  # 'compat', 'smallest': decided from the values, as nib.save does
-        asked = _finalized_alias(img, values, alias)
+        try:
+            asked = _finalized_alias(img, values, alias)
+        except ValueError as err:  # 'smallest' of float values: no integer type holds them
+            raise _refuse(
+                img,
+                target,
+                f'its data dtype alias {alias!r} cannot be resolved for its {src} values '
+                f'({err}); call img.set_data_dtype() with an explicit dtype',
+            ) from None
         if _supports(header, asked):
             header.set_data_dtype(asked)
     asked = header.get_data_dtype()
-    declared = asked if alias is not None else np.dtype(img.get_data_dtype())
-    # A float dtype the image itself declares for the float array it was given: the
-    # user asked for that cast (nib.save makes the same). Never for an edited cache.
+    declared = asked if alias is not None else _data_dtype(img)
+    declared = shown if declared is None else declared
+    # A float dtype the image itself declares for the float values its data object
+    # gives (an array, or a proxy's scaled values after set_data_dtype): the user asked
+    # for that cast, and nib.save makes the same. The same rule for arrays and proxies,
+    # so that equal content is written alike. Never for an edited cache.
     users_choice = (
-        isinstance(values, np.ndarray)
-        and values is img.dataobj
+        values is img.dataobj
         and _le(asked) == _le(declared)
         and asked.kind == 'f'
         and shown.kind == 'f'
@@ -378,6 +431,7 @@ def plan(img: Any, target: Target) -> Plan:
                 f'a reader of {target.ext} would get another affine (the format stores it '
                 'as zooms and directions, or in float32); NIfTI-2 (.nii) holds it exactly',
             )
+    _check_readable(img, target, out)
     if snapshot(img) != snap:
         # header or affine edited while the output header was made from them: what was
         # hashed (meta) may not be what would be written
@@ -409,6 +463,128 @@ def _affine_holds(reads: np.ndarray, affine: np.ndarray, klass: type) -> bool:
         return bool(np.array_equal(reads, affine))
     scale = max(1.0, float(np.max(np.abs(affine))))
     return bool(np.allclose(reads, affine, rtol=0, atol=_F32_ULPS * scale))
+
+
+def _output_image(img: Any, target: Target, placeholder: np.ndarray) -> Any:
+    """The image to write, with nibabel's own conversion of ``img``'s header.
+
+    A header nibabel cannot convert (ECAT's declares a dtype per frame only) gives a
+    fresh header: what such a header holds beyond shape, dtype and zooms has no place
+    in the target anyway, and :func:`_check_readable` checks the zooms.
+    """
+    klass = target.klass
+    shape = placeholder.shape
+    try:
+        with _quiet_nibabel():  # NIfTI-2 from a NIfTI-1 header logs its fixes
+            return klass(placeholder, img.affine, img.header)
+    except Exception as err:  # MGH holds at most 4 dimensions, NIfTI 7
+        if len(shape) > {MGHImage: 4}.get(klass, 7):
+            raise _refuse(img, target, f'its shape {shape} ({err})') from None
+        why = err
+    try:
+        with _quiet_nibabel():
+            return klass(placeholder, img.affine)
+    except Exception as err:
+        raise _refuse(
+            img, target, f'nibabel cannot convert its {type(img.header).__name__} ({why}; {err})'
+        ) from None
+
+
+#: MGH stores TR in milliseconds; NIfTI says its time unit (``xyzt_units``)
+_MS_PER = {'msec': 1.0, 'unknown': 1.0}
+
+
+@singledispatch
+def time_unit(header: Any) -> str | None:
+    """The unit of a header's time zoom (``get_zooms()[3]``), None when unknown.
+
+    MGH stores TR in milliseconds: a time zoom is carried into it only when its unit
+    is known to be milliseconds (or NIfTI's 'unknown', which is what nibabel writes
+    converting MGH to NIfTI). MINC and headers without a rule: None (refused when the
+    zoom is not 0).
+
+    >>> import nibabel as nib
+    >>> from nibabel.freesurfer.mghformat import MGHHeader
+    >>> hdr = nib.Nifti1Header()
+    >>> hdr.set_xyzt_units('mm', 'msec')
+    >>> time_unit(hdr), time_unit(MGHHeader())
+    ('msec', 'msec')
+    """
+    return None
+
+
+@time_unit.register
+def _(header: nib.Nifti1Header) -> str | None:
+    return header.get_xyzt_units()[1]
+
+
+@time_unit.register
+def _(header: nib.AnalyzeHeader) -> str | None:
+    return 'unknown'  # no units field: as a NIfTI header that says 'unknown'
+
+
+@time_unit.register
+def _(header: MGHHeader) -> str | None:
+    return 'msec'
+
+
+@time_unit.register
+def _(header: PARRECHeader) -> str | None:
+    return 'sec'  # nibabel divides the PAR file's repetition time [ms] by 1000
+
+
+@time_unit.register
+def _(header: AFNIHeader) -> str | None:
+    nums = header.info.get('TAXIS_NUMS')
+    return {77001: 'msec', 77002: 'sec'}.get(int(nums[2])) if nums is not None else None
+
+
+def _zooms(header: Any) -> np.ndarray | None:
+    try:
+        return np.asarray(header.get_zooms(), np.float32)
+    except Exception:  # ECAT: zooms per frame; no header zooms to keep
+        return None
+
+
+def _check_readable(img: Any, target: Target, out: Any) -> None:
+    """Refuse a target whose file a reader would get less from than ``img`` holds.
+
+    Beyond values and affine: NIfTI extensions (MGH has no place for them), the zooms
+    of the axes beyond space (TR: nibabel's MGH conversion drops it; it is carried
+    here when the time unit says milliseconds), and data with an empty axis, which
+    nibabel loads back only from a plain ``.nii``.
+    """
+    if 0 in out.shape and target.ext != '.nii':
+        raise _refuse(
+            img,
+            target,
+            f'its shape {tuple(out.shape)} has an empty axis, which nibabel cannot load '
+            f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
+            'a compressed file loads with the wrong shape); .nii holds it',
+        )
+    if isinstance(out, MGHImage):
+        want = _zooms(img.header)
+        unit = time_unit(img.header)
+        if want is not None and len(want) == 4 and want[3] and unit in _MS_PER:
+            out.header['tr'] = want[3] * _MS_PER[unit]
+    if extension_bytes(img.header) != extension_bytes(out.header):
+        codes = [int(e.get_code()) for e in img.header.extensions]
+        raise _refuse(
+            img,
+            target,
+            f'{target.ext} cannot hold its NIfTI extensions (codes {codes}); NIfTI '
+            '(.nii, .nii.gz, .hdr/.img) does. To convert without them, clear '
+            'img.header.extensions on a copy',
+        )
+    want, got = _zooms(img.header), _zooms(out.header)
+    beyond = want is not None and got is not None and len(want) > 3
+    if beyond and not np.array_equal(got[3:], want[3:]):
+        raise _refuse(
+            img,
+            target,
+            f'a reader of {target.ext} would get the zooms {got[3:].tolist()} beyond '
+            f'space instead of {want[3:].tolist()} (time unit, TR)',
+        )
 
 
 def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:
@@ -448,7 +624,9 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
         if same:
             data = values.astype(out_dtype, copy=False)
         else:
-            with np.errstate(all='ignore'):
+            with np.errstate(all='ignore'), warnings.catch_warnings():
+                # complex to real: whether the imaginary parts were all zero is answered below
+                warnings.simplefilter('ignore', np.exceptions.ComplexWarning)
                 data = values.astype(out_dtype)
             if not p.cast and not _survives(values, out_dtype):
                 raise ContentChanged('a value changed and no longer survives the dtype')

@@ -50,7 +50,15 @@ class ImageReadError(OSError):
 
 
 class _SourceChanged(Exception):
-    """A file the image depends on changed while it was being resolved."""
+    """A file the image depends on, or the image itself, changed while it was resolved.
+
+    ``image`` says which: the final error must blame the right one (an image edited by
+    another thread while it is written is not a file "changing on disk").
+    """
+
+    def __init__(self, image: bool = False):
+        super().__init__()
+        self.image = image
 
 
 @dataclass(frozen=True)
@@ -81,7 +89,7 @@ class Resolution:
 def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | None:
     """Lower-case extensions with a leading dot, in the caller's order.
 
-    >>> normalise_formats(['nii.gz', '.NII'])
+    >>> normalise_formats(['nii.gz', ' .NII'])
     ('.nii.gz', '.nii')
     >>> normalise_formats(None) is None
     True
@@ -90,7 +98,8 @@ def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | 
         return None
     if isinstance(formats, str):
         formats = (formats,)
-    out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in formats)
+    names = [f.strip() for f in formats]  # ' .nii' from a config file is '.nii'
+    out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in names if f)
     if not out:
         raise ValueError('formats must name at least one extension, such as ".nii"')
     return out
@@ -322,7 +331,7 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
     try:
         chosen = choose_plan(img, accepted)
     except ContentChanged as err:
-        raise _SourceChanged from err
+        raise _SourceChanged(image=True) from err
     _targets.put((digest, accepted), chosen.target)
     name, handed = _entry_names(_stem(img), chosen.target.ext)
     path, written = store.put(
@@ -362,7 +371,7 @@ def _write(
         written = export_image(img, chosen.target, tmp)  # planned again: the image now
     except (ContentChanged, _Refused) as err:
         # planned again from the image as it is now: refused only if it changed since
-        raise _SourceChanged from err
+        raise _SourceChanged(image=True) from err
     except HeaderDataError as err:
         raise ValueError(
             f'nibabel cannot write this {type(img).__name__} as {chosen.target.ext}: {err}'
@@ -375,8 +384,8 @@ def _write(
         raise _SourceChanged
     # GIFTI, CIFTI-2: nibabel wrote them from the object; digest it again
     got = image_digest(img) if written is None else written.digest
-    if got != digest:
-        raise _SourceChanged
+    if got != digest:  # the files did not change (checked above): the image did
+        raise _SourceChanged(image=True)
     return {} if written is None else written.files
 
 
@@ -427,8 +436,16 @@ def resolve(
     for _ in range(_ATTEMPTS):
         try:
             return _resolve_image(value, accepted, store)
-        except _SourceChanged:
+        except _SourceChanged as err:
             logger.debug('files of %r changed while resolved: again', value)
+            edited = err.image
+    if edited:
+        raise ImageReadError(
+            errno.EAGAIN,
+            f'this {type(value).__name__} kept changing in memory while it was written '
+            f'({_ATTEMPTS} attempts): another thread edits its data, header or affine. '
+            'Resolve it when the edits are done, or resolve a copy (copy.deepcopy)',
+        )
     files = ', '.join(source_files(value))
     raise ImageReadError(
         errno.EAGAIN,

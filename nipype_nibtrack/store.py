@@ -478,14 +478,20 @@ class Store:
                 return None, 'no valid manifest'
             return None, None
         entry = os.path.join(self._objects, digest[:2], digest)
-        for fname, (size, xxh3) in manifest.items():
-            damage = self._damage(fd, entry, fname, size, xxh3)
+        for fname, (size, xxh3, mark) in manifest.items():
+            damage = self._damage(fd, entry, fname, size, xxh3, mark)
             if damage is not None:
                 return None, f'{fname}: {damage}'
         return Path(entry, name), None
 
     def _damage(
-        self, dir_fd: int, entry: str, fname: str, size: int, xxh3: str | None
+        self,
+        dir_fd: int,
+        entry: str,
+        fname: str,
+        size: int,
+        xxh3: str | None,
+        mark: tuple[int, int] | None = None,
     ) -> str | None:
         st = _lstat(fname, dir_fd)
         if st is None:
@@ -494,7 +500,13 @@ class Store:
             return 'not a regular file'
         if st.st_size != size:
             return f'{st.st_size} bytes instead of {size}'
-        if xxh3 is None or size > self.verify_max_bytes:
+        # A file too large to re-hash at every first use is trusted by its size only
+        # while it is the file written (same inode, same mtime): a tool that rewrote or
+        # replaced its input in the store, at the same size, is caught and re-hashed
+        untouched = mark is not None and (st.st_ino, st.st_mtime_ns) == mark
+        if xxh3 is None:
+            return None if mark is None or untouched else 'rewritten since it was stored'
+        if size > self.verify_max_bytes and untouched:
             return None
         ident = FileId.from_stat(st)
         key = (entry, fname, ident, xxh3)
@@ -581,11 +593,15 @@ class Store:
         tmp_fd = self._open_dir(tmpdir)
         try:
             files: dict[str, tuple[int, str]] = {}
+            # (inode, mtime) of each file: linking into the entry keeps both, and any
+            # later rewrite or replacement (a tool writing over its input) moves one
+            written: dict[str, list[int]] = {}
             for fname in sorted(os.listdir(tmp_fd)):
                 if isinstance(known.get(fname), str) and _HEX.match(known[fname]):
                     st = os.stat(fname, dir_fd=tmp_fd, follow_symlinks=False)
                     if stat.S_ISREG(st.st_mode):
                         files[fname] = (st.st_size, known[fname])
+                        written[fname] = [st.st_ino, st.st_mtime_ns]
                         continue
                 xxh3, ident = _file_xxh3(fname, tmp_fd)
                 if ident is None:
@@ -595,6 +611,7 @@ class Store:
                         f'{self.root}: another process writes in its tmp/ folder. Retry',
                     )
                 files[fname] = (ident.size, xxh3)
+                written[fname] = [ident.ino, ident.mtime_ns]
             if name not in files or any(not _safe_name(f) for f in files):
                 raise StoreError(
                     errno.EIO,
@@ -609,6 +626,7 @@ class Store:
                     'digest': digest,
                     'files': {f: v[0] for f, v in files.items()},
                     'xxh3': {f: v[1] for f, v in files.items()},
+                    'written': written,
                 }
             ).encode()
             flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -796,7 +814,7 @@ def _read_manifest(
         if not stat.S_ISREG(st.st_mode) or st.st_size > _MANIFEST_MAX_BYTES:
             return None
         data = json.loads(os.read(fd, _MANIFEST_MAX_BYTES))
-        files, hashes = data['files'], data.get('xxh3', {})
+        files, hashes, written = data['files'], data.get('xxh3', {}), data.get('written', {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     finally:
@@ -808,7 +826,7 @@ def _read_manifest(
         # older than this field have keys made with another digest prefix, which no
         # digest of this version can equal: they are never reached.)
         return None
-    if not isinstance(hashes, dict):
+    if not isinstance(hashes, dict) or not isinstance(written, dict):
         return None
     out = {}
     for fname, size in files.items():
@@ -817,7 +835,14 @@ def _read_manifest(
             return None
         if xxh3 is not None and not (isinstance(xxh3, str) and _HEX.match(xxh3)):
             return None
-        out[fname] = (size, xxh3)
+        mark = written.get(fname)
+        if mark is not None:
+            if not (isinstance(mark, list) and len(mark) == 2):
+                return None
+            if not all(type(n) is int for n in mark):
+                return None
+            mark = tuple(mark)
+        out[fname] = (size, xxh3, mark)
     return out
 
 
