@@ -151,6 +151,8 @@ def test_float_header_narrower_than_the_array_is_the_users_choice(tmp_path):
 def test_affine_edits_nibabel_would_drop_are_written(target, tmp_path):
     img = build_format('nifti2', tmp_path).load()
     img.affine[1, 1] *= 1 + 3e-6  # within np.allclose: nib.save would ignore it
+    if target.klass is nib.MGHImage:
+        img.header.extensions.clear()  # MGH holds none: refused otherwise
     out = _write(img, tmp_path, target)
     if target.klass is nib.Nifti2Image:
         assert np.array_equal(out.affine, img.affine)
