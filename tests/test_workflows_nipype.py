@@ -391,3 +391,30 @@ def test_images_holding_open_files_go_through_function_and_map_nodes(tmp_path, p
         assert got == pytest.approx(expected[name], rel=1e-9), name
     got = nf.loadpkl(tmp_path / 'formats' / 'mapped' / 'result_mapped.pklz').outputs.out
     assert got == pytest.approx(list(expected.values()), rel=1e-9)
+
+
+def _value_as_float32(img):
+    import numpy as np
+
+    return float(img.get_fdata(dtype=np.float32)[1, 1, 1])
+
+
+@pytest.mark.parametrize('plugin', ['Linear', 'MultiProc-fork'])
+def test_a_function_node_sees_an_edited_cache_whatever_dtype_it_asks(tmp_path, plugin):
+    # get_fdata(dtype=float32) of an image whose float64 cache was edited reads the file:
+    # the function must get what the node is hashed by, the edit, under every plugin
+    path = tmp_path / 'in.nii'
+    nib.save(nib.Nifti1Image(np.full((4, 4, 4), 5, 'f4'), np.eye(4)), str(path))
+    img = nt.load(path)
+    img.get_fdata()[1, 1, 1] = -5.0
+    wf = pe.Workflow('edited', base_dir=str(tmp_path))
+    wf.config['execution']['poll_sleep_duration'] = 0.05
+    seen = pe.Node(
+        Function(input_names=['img'], output_names=['out'], function=_value_as_float32),
+        name='seen',
+    )
+    seen.inputs.img = img
+    wf.add_nodes([seen])
+    run(wf, plugin)
+    assert _seen(tmp_path, 'edited') == -5.0
+    assert float(img.get_fdata()[1, 1, 1]) == -5.0 and seen.inputs.img is img

@@ -46,7 +46,7 @@ from nipype.utils.filemanip import ensure_list, indirectory
 from nipype.utils.misc import str2bool
 from traits.api import TraitError
 
-from .. import load, resolve, source_files
+from .. import is_dirty, load, resolve, source_files
 from .traits import contains_image, is_image, iter_images
 
 __all__ = ['bound_copy', 'depends_on_cwd', 'install']
@@ -107,9 +107,12 @@ def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> dict[int, Any]:
     """Put the bound copy of some images of ``spec`` in a deepcopy ``memo``.
 
     Those named relatively (a copy would follow the directory of whoever reads it),
-    and those that cannot be copied (a PAR/REC or MINC2 image, or one loaded with
-    ``keep_file_open``, holds an open file); every other image is copied as nipype
-    copies it, which costs less than a load. Returns the bound copies, which the caller
+    dirty ones (what a copy shows can depend on how it is asked: ``get_fdata(dtype=...)``
+    of another dtype than an edited cache's reads the file, not the edit, while the node
+    is hashed by the edit; a worker gets the bound copy anyway), and those that cannot be
+    copied (a PAR/REC or MINC2 image, or one loaded with ``keep_file_open``, holds an
+    open file); every other image is copied as nipype copies it, which costs less than
+    a load. Returns the bound copies, which the caller
     removes from the memo after copying ``spec``: the memo is shared by the whole graph
     copy, and other holders of the same image (an iterables list, whose folder names
     follow the image's content) keep nipype's own copying. An image that cannot
@@ -120,7 +123,7 @@ def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> dict[int, Any]:
         for img in iter_images(value):
             if id(img) in memo:
                 continue
-            if not depends_on_cwd(img):
+            if not depends_on_cwd(img) and not is_dirty(img):
                 known = len(memo)
                 try:
                     deepcopy(img, memo)
