@@ -454,6 +454,9 @@ def test_an_entry_holds_its_key_while_another_thread_edits_the_header(tmp_path):
             value += 1
             img.header['descrip'] = str(value).encode()
             img.affine[0, 3] = value
+            # a short pause: edits still land inside writes, but a tight loop starves
+            # every resolution into "kept changing" on a busy machine
+            stop.wait(0.001)
 
     editor = threading.Thread(target=edit)
     editor.start()
