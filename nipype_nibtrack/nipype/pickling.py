@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import pickle
 import threading
 import types
@@ -35,7 +34,8 @@ from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.interfaces.base.support import InterfaceResult
 from nipype.utils import filemanip
 
-from .. import ENV_VAR, as_filename, chosen_store, load, set_store
+from .. import as_filename, chosen_store, set_store
+from .. import load_reference as core_load_reference
 from .traits import contains_image, is_image
 
 __all__ = [
@@ -52,20 +52,14 @@ logger = logging.getLogger('nipype_nibtrack')
 
 
 def load_reference(path: str) -> Any:
-    """Load the image a pickled reference names.
+    """Load the image a pickled reference names (:func:`nipype_nibtrack.load_reference`).
 
     >>> import os
     >>> from nibabel.testing import data_path
     >>> load_reference(os.path.join(data_path, 'anatomical.nii')).shape
     (33, 41, 25)
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f'nipype_nibtrack: the image file {path} is not readable on this machine. '
-            f'Images travel between processes as file references: put the image store '
-            f'({ENV_VAR}) and the work directory on a filesystem every worker shares.'
-        )
-    return load(path)
+    return core_load_reference(path)
 
 
 class ImageReference:
