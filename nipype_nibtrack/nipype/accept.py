@@ -32,7 +32,7 @@ from traits.trait_handlers import TraitCompound
 
 from .. import normalise_formats, resolve
 from .mirror import mirror_name
-from .traits import ImageFile, contains_image, is_image, iter_images
+from .traits import ImageFile, contains_image, iter_images, map_images
 
 __all__ = [
     'FAMILY_FORMATS',
@@ -253,19 +253,14 @@ def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
 
 
 def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> Any:
-    if is_image(value):
-        resolution = resolve(value, formats=formats)
+    """``value`` with every image a file name (plain containers: the trait validates them)."""
+
+    def path_of(img: Any) -> str:
+        resolution = resolve(img, formats=formats)
         logger.info('[nibtrack] %s: %s', label, resolution.describe())
         return resolution.path
-    # A list input holds a TraitListObject, whose constructor needs its trait: build
-    # plain lists and tuples, which the trait validates again when they are set
-    if isinstance(value, list):
-        return [_resolve_value(v, formats, label) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_resolve_value(v, formats, label) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve_value(v, formats, label) for k, v in value.items()}
-    return value
+
+    return map_images(value, path_of)
 
 
 def resolve_spec_images(spec: Any) -> dict[str, Any]:

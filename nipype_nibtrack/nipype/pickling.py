@@ -36,7 +36,7 @@ from nipype.utils import filemanip
 
 from .. import as_filename, chosen_store, set_store
 from .. import load_reference as core_load_reference
-from .traits import contains_image, is_image
+from .traits import contains_image, is_image, map_images
 
 __all__ = [
     'ImagePickler',
@@ -112,16 +112,7 @@ def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
     >>> references({'in': [nib.load(path), 3]})['in'][0].path == path
     True
     """
-    if is_image(value):
-        return _reference_or_image(value, formats)
-    # TraitListObject (a list input's value) cannot be rebuilt by calling its type
-    if isinstance(value, list):
-        return [references(v, formats) for v in value]
-    if isinstance(value, tuple):
-        return tuple(references(v, formats) for v in value)
-    if isinstance(value, dict):
-        return {k: references(v, formats) for k, v in value.items()}
-    return value
+    return map_images(value, lambda img: _reference_or_image(img, formats))
 
 
 class ImagePickler(pickle.Pickler):

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nibabel.filebasedimages import FileBasedImage
@@ -12,7 +13,14 @@ from traits.api import TraitError
 
 from .. import check_image, normalise_formats
 
-__all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image', 'iter_images']
+__all__ = [
+    'ImageFile',
+    'InputMultiImage',
+    'contains_image',
+    'is_image',
+    'iter_images',
+    'map_images',
+]
 
 #: Extensions read when neither the trait nor the interface family says otherwise
 DEFAULT_FORMATS = ('.nii', '.nii.gz')
@@ -28,8 +36,55 @@ def is_image(value: Any) -> bool:
     return isinstance(value, FileBasedImage)
 
 
+@functools.singledispatch
+def _parts(value: Any) -> tuple[Iterable[Any], Callable[[list[Any]], Any]] | None:
+    """The values a container holds, and how to build a container of new ones.
+
+    A registry: the one place that says which containers hold images (None: not one).
+    Lists and tuples come back plain: a list input's ``TraitListObject`` cannot be
+    rebuilt by calling its type, and the trait validates a plain list again when set.
+    """
+    return None
+
+
+@_parts.register
+def _(value: list) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, list
+
+
+@_parts.register
+def _(value: tuple) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, tuple
+
+
+@_parts.register
+def _(value: dict) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value.values(), lambda new: dict(zip(value, new, strict=True))
+
+
+def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with every image, at any depth of lists, tuples and dicts, ``fn(image)``.
+
+    Containers are rebuilt (as plain lists, tuples and dicts); anything else is kept.
+
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
+    >>> map_images(['a.nii', (3, {'mask': img})], lambda found: found.shape)
+    ['a.nii', (3, {'mask': (2, 2, 2)})]
+    """
+    if is_image(value):
+        return fn(value)
+    parts = _parts(value)
+    if parts is None:
+        return value
+    items, build = parts
+    return build([map_images(item, fn) for item in items])
+
+
 def iter_images(value: Any) -> Iterator[Any]:
     """Every image in ``value``: itself, or held at any depth of lists, tuples and dicts.
+
+    The containers :func:`map_images` walks, in the same order.
 
     >>> import numpy as np, nibabel as nib
     >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
@@ -38,11 +93,10 @@ def iter_images(value: Any) -> Iterator[Any]:
     """
     if is_image(value):
         yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from iter_images(item)
-    elif isinstance(value, dict):
-        for item in value.values():
+        return
+    parts = _parts(value)
+    if parts is not None:
+        for item in parts[0]:
             yield from iter_images(item)
 
 
