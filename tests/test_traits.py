@@ -463,3 +463,22 @@ def _as_paths(value, img):
     if isinstance(value, tuple):
         return tuple(_as_paths(v, img) for v in value)
     return value
+
+
+def test_a_file_in_a_nested_either_reads_the_formats_it_was_given():
+    # the copy and the search for its ImageFile walk the same registry: an Either inside
+    # an Either once got an ImageFile that trait_formats did not find (formats None: an
+    # image would have been handed on in any format, its own file's included)
+    from nipype.interfaces.base import traits
+
+    class Spec(TraitedSpec):
+        x = traits.Either(traits.Either(File(exists=True), traits.Int), traits.Str)
+
+    formats = ('.mif', '.nii')
+
+    class Aware(TraitedSpec):
+        x = nt.nipype.image_trait(Spec.class_traits()['x'], formats)
+
+    assert nt.nipype.accept.trait_formats(Aware(), 'x') == formats
+    spec = Aware(x=nf.random_image(seed=64))
+    assert is_image(spec.x)
