@@ -104,7 +104,7 @@ def _reference_or_image(img: Any, formats: tuple[str, ...] | None) -> Any:
 
 
 def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
-    """``value`` with every image, at any depth of lists, tuples and dicts, a reference.
+    """``value`` with every image, at any depth of containers (see ``map_images``), a reference.
 
     >>> import os, nibabel as nib
     >>> from nibabel.testing import data_path

@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nibabel.filebasedimages import FileBasedImage
+from nipype.interfaces.base.support import Bunch
 from nipype.interfaces.base.traits_extension import File, InputMultiObject
 from traits.api import TraitError
 
@@ -62,10 +63,25 @@ def _(value: dict) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
     return value.values(), lambda new: dict(zip(value, new, strict=True))
 
 
-def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
-    """``value`` with every image, at any depth of lists, tuples and dicts, ``fn(image)``.
+@_parts.register(set)
+@_parts.register(frozenset)
+def _(value: set | frozenset) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, frozenset if isinstance(value, frozenset) else set
 
-    Containers are rebuilt (as plain lists, tuples and dicts); anything else is kept.
+
+@_parts.register
+def _(value: Bunch) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    # nipype's attribute bag (SpecifyModel's subject_info, Function inputs)
+    fields = dict(value.__dict__)
+    return fields.values(), lambda new: Bunch(zip(fields, new, strict=True))
+
+
+def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with every image, at any depth of containers, replaced by ``fn(image)``.
+
+    The containers: lists, tuples, dicts, sets, frozensets and nipype's ``Bunch``. They
+    are rebuilt (a list input's ``TraitListObject`` as a plain list); anything else is
+    kept as it is.
 
     >>> import numpy as np, nibabel as nib
     >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
@@ -82,7 +98,7 @@ def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
 
 
 def iter_images(value: Any) -> Iterator[Any]:
-    """Every image in ``value``: itself, or held at any depth of lists, tuples and dicts.
+    """Every image in ``value``: itself, or held at any depth of containers.
 
     The containers :func:`map_images` walks, in the same order.
 
@@ -101,7 +117,7 @@ def iter_images(value: Any) -> Iterator[Any]:
 
 
 def contains_image(value: Any) -> bool:
-    """True for an image, or a list, tuple or dict holding one at any depth.
+    """True for an image, or a container (see :func:`map_images`) holding one at any depth.
 
     >>> import numpy as np, nibabel as nib
     >>> contains_image(['a.nii', [nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))]])
