@@ -101,49 +101,44 @@ def _inner(handler: Any) -> _Inner | None:
     return None
 
 
+def _with(handler: Any, **members: Any) -> Any:
+    """A copy of ``handler`` (see :func:`_copy`) holding other members."""
+    new = _copy(handler)
+    for name, value in members.items():
+        setattr(new, name, value)
+    return new
+
+
 @_inner.register
 def _(handler: List) -> _Inner:
     # List and nipype's InputMultiObject / InputMultiPath, a List subclass
-    def build(new: list[Any]) -> Any:
-        copy = _copy(handler)
-        copy.item_trait = new[0]
-        return copy
-
-    return [handler.item_trait], build
+    return [handler.item_trait], lambda new: _with(handler, item_trait=new[0])
 
 
 @_inner.register
 def _(handler: BaseTuple) -> _Inner:
     def build(new: list[Any]) -> Any:
-        copy = _copy(handler)
-        copy.types = tuple(new)
-        if 'fast_validate' in handler.__dict__:
-            fast = handler.fast_validate
-            copy.fast_validate = (fast[0], copy.types, *fast[2:])
-        return copy
+        types = tuple(new)
+        if 'fast_validate' not in handler.__dict__:
+            return _with(handler, types=types)
+        fast = handler.fast_validate
+        return _with(handler, types=types, fast_validate=(fast[0], types, *fast[2:]))
 
     return list(handler.types), build
 
 
 @_inner.register
 def _(handler: Union) -> _Inner:
-    def build(new: list[Any]) -> Any:
-        copy = _copy(handler)
-        copy.list_ctrait_instances = new
-        return copy
-
-    return list(handler.list_ctrait_instances), build
+    return list(handler.list_ctrait_instances), lambda new: _with(
+        handler, list_ctrait_instances=new
+    )
 
 
 @_inner.register
 def _(handler: Dict) -> _Inner:
-    def build(new: list[Any]) -> Any:
-        copy = _copy(handler)
-        copy.value_trait = new[0]
-        copy.value_handler = new[0].handler
-        return copy
-
-    return [handler.value_trait], build
+    return [handler.value_trait], lambda new: _with(
+        handler, value_trait=new[0], value_handler=new[0].handler
+    )
 
 
 @_inner.register
