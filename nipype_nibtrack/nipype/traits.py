@@ -48,6 +48,10 @@ def _parts(value: Any) -> tuple[Iterable[Any], Callable[[list[Any]], Any]] | Non
     return None
 
 
+#: Values that hold nothing: answered without asking the registry (walks are hot paths)
+_SCALARS = (str, bytes, int, float, type(None))
+
+
 @_parts.register
 def _(value: list) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
     return value, list
@@ -90,7 +94,7 @@ def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
     """
     if is_image(value):
         return fn(value)
-    parts = _parts(value)
+    parts = None if isinstance(value, _SCALARS) else _parts(value)
     if parts is None:
         return value
     items, build = parts
@@ -110,7 +114,7 @@ def iter_images(value: Any) -> Iterator[Any]:
     if is_image(value):
         yield value
         return
-    parts = _parts(value)
+    parts = None if isinstance(value, _SCALARS) else _parts(value)
     if parts is not None:
         for item in parts[0]:
             yield from iter_images(item)
