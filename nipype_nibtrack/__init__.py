@@ -20,6 +20,7 @@ from .resolve import (
     as_filename,
     check_image,
     image_label,
+    load_reference,
     normalise_formats,
     resolve,
 )
@@ -65,6 +66,7 @@ __all__ = [
     'image_label',
     'is_dirty',
     'load',
+    'load_reference',
     'mark_clean',
     'mark_dirty',
     'normalise_formats',

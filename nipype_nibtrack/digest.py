@@ -323,6 +323,17 @@ def _empty(dataobj: ArrayProxy) -> tuple:
     return tuple(slice(0, 0) for _ in dataobj.shape) or ()
 
 
+def _filled_caches(img: Any) -> Iterator[np.ndarray]:
+    """The arrays ``img`` keeps from reads (``get_fdata``'s, ``get_data``'s), in that order.
+
+    An array image's data object is not a cache of anything: left out.
+    """
+    for name in ('_fdata_cache', '_data_cache'):
+        cache = getattr(img, name, None)
+        if cache is not None and cache is not img.dataobj:
+            yield cache
+
+
 def edited_cache(img: Any) -> np.ndarray | None:
     """The image's filled data cache if it no longer equals what its data object reads.
 
@@ -340,12 +351,7 @@ def edited_cache(img: Any) -> np.ndarray | None:
     >>> edited_cache(img)[0, 0, 0]
     np.float64(7.0)
     """
-    for name in ('_fdata_cache', '_data_cache'):
-        cache = getattr(img, name, None)
-        if cache is None:
-            continue
-        if cache is img.dataobj:
-            continue
+    for cache in _filled_caches(img):
         if array_digest(cache, 'F') != data_digest(img.dataobj, cache.dtype, 'F'):
             return cache
     return None
@@ -372,11 +378,10 @@ def held_cache(img: Any) -> np.ndarray | None:
     try:
         return edited_cache(img)
     except READ_ERRORS:
-        for name in ('_fdata_cache', '_data_cache'):
-            cache = getattr(img, name, None)
-            if cache is not None and cache is not img.dataobj:
-                return cache
-        raise
+        cache = next(_filled_caches(img), None)
+        if cache is None:
+            raise
+        return cache
 
 
 def data_source(img: Any) -> tuple[bytes, Any, Any, bool]:

@@ -19,10 +19,10 @@ from nibabel.spatialimages import HeaderDataError
 from .digest import READ_ERRORS, _Memo, image_digest
 from .export import ContentChanged, Plan, _Refused, choose_plan, export_image
 from .fileid import kernel_path, path_id
-from .provenance import bound_source, main_path, source_files
+from .provenance import bound_source, load, main_path, source_files
 from .rules import cleanliness
 from .snapshot import proxy_spec
-from .store import Store, get_store
+from .store import ENV_VAR, Store, get_store
 
 __all__ = [
     'ImageReadError',
@@ -30,6 +30,7 @@ __all__ = [
     'as_filename',
     'check_image',
     'image_label',
+    'load_reference',
     'normalise_formats',
     'resolve',
 ]
@@ -503,3 +504,67 @@ def as_filename(
     True
     """
     return resolve(value, formats=formats, store=store).path
+
+
+def load_reference(
+    path: str | os.PathLike,
+    *,
+    error: type[OSError] = FileNotFoundError,
+    shared: str = 'the work directory',
+    note: str = '',
+) -> Any:
+    """Load the image a file reference names: the way back from :func:`as_filename`.
+
+    Front-ends pickle an image as the file it resolves to; the process that unpickles
+    it calls this (or a front-end's wrapper naming its own error and directories).
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file the reference names.
+    error : type of OSError, optional
+        Raised when the file cannot be found (a front-end's own class, say one its
+        engine takes for "no cached result").
+    shared : str, optional
+        What, besides the store, every worker must see: named in the message.
+    note : str, optional
+        A sentence the message ends with.
+
+    Returns
+    -------
+    nibabel image
+        A clean image of that file, as :func:`nipype_nibtrack.load` gives.
+
+    Raises
+    ------
+    error
+        The file is not on this machine; the message names it and says what every
+        worker must share.
+
+    Examples
+    --------
+    >>> import os
+    >>> from nibabel.testing import data_path
+    >>> load_reference(os.path.join(data_path, 'anatomical.nii')).shape
+    (33, 41, 25)
+    >>> load_reference('/no/such/store/image.nii', shared='the cache', note='Run it again.')
+    Traceback (most recent call last):
+    ...
+    FileNotFoundError: nipype_nibtrack: the image file /no/such/store/image.nii is not
+    readable on this machine. Images travel between processes as file references: put
+    the image store (NIBTRACK_STORE) and the cache on a filesystem every worker shares.
+    Run it again.
+    """
+    message = (
+        f'nipype_nibtrack: the image file {os.fspath(path)} is not readable on this machine. '
+        f'Images travel between processes as file references: put the image store '
+        f'({ENV_VAR}) and {shared} on a filesystem every worker shares.'
+    )
+    if note:
+        message += f' {note}'
+    if not os.path.exists(path):
+        raise error(message)
+    try:
+        return load(path)
+    except FileNotFoundError as err:  # removed since the check
+        raise error(message) from err

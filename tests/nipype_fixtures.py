@@ -252,6 +252,40 @@ class Scale(BaseInterface):
         return {'out_file': self._out_name()}
 
 
+class VoxelSumInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='image')
+
+
+class VoxelSumOutputSpec(TraitedSpec):
+    total = traits.Float()
+    seen = traits.Str(desc='what the interface body received')
+
+
+class VoxelSum(BaseInterface):
+    """A BaseInterface written in Python: the sum of its input's voxels."""
+
+    input_spec = VoxelSumInputSpec
+    output_spec = VoxelSumOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        self._seen = self.inputs.in_file
+        self._total = float(np.asanyarray(nib.load(self.inputs.in_file).dataobj).sum())
+        return runtime
+
+    def _list_outputs(self) -> dict:
+        return {'total': self._total, 'seen': self._seen}
+
+
+class CopiedVoxelSumInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, copyfile=True, mandatory=True, desc='image')
+
+
+class CopiedVoxelSum(VoxelSum):
+    """:class:`VoxelSum` of a ``copyfile=True`` input (nipype copies it into the node)."""
+
+    input_spec = CopiedVoxelSumInputSpec
+
+
 class MeanInputSpec(BaseInterfaceInputSpec):
     in_files = InputMultiPath(File(exists=True), mandatory=True, desc='images')
     counter = traits.Str(desc='folder in which each execution leaves a file')

@@ -16,13 +16,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nipype.interfaces import fsl, mrtrix3
-from nipype.interfaces.base import (
-    BaseInterface,
-    BaseInterfaceInputSpec,
-    File,
-    TraitedSpec,
-    traits,
-)
 from nipype.pipeline import engine as pe
 from nipype.utils.filemanip import loadpkl, savepkl
 
@@ -170,32 +163,11 @@ def test_a_mapnode_or_function_node_run_again_after_an_image_edit_gets_the_edit(
     assert totals() == ([5.0, 5.0], 5.0)
 
 
-class _SumInput(BaseInterfaceInputSpec):
-    in_file = File(exists=True, copyfile=True, mandatory=True)
-
-
-class _SumOutput(TraitedSpec):
-    total = traits.Float()
-
-
-class _Sum(BaseInterface):
-    """Sums the voxels of a copyfile=True input."""
-
-    input_spec = _SumInput
-    output_spec = _SumOutput
-
-    def _run_interface(self, runtime):
-        self._seen = self.inputs.in_file
-        self._total = float(_voxels(self.inputs.in_file).sum())
-        return runtime
-
-    def _list_outputs(self):
-        return {'total': self._total}
-
-
 def test_a_copyfile_node_run_again_after_an_edit_copies_the_edit(tmp_path):
     img = nib.Nifti1Image(np.zeros((4, 5, 6), 'f4'), np.eye(4))
-    node = pe.Node(nt.accept_images(_Sum)(in_file=img), name='s', base_dir=str(tmp_path))
+    node = pe.Node(
+        nt.accept_images(nf.CopiedVoxelSum)(in_file=img), name='s', base_dir=str(tmp_path)
+    )
     assert node.run().outputs.total == 0
     assert node.interface._seen == str(tmp_path / 's' / 'image.nii')  # nipype's copy
     assert node.run().outputs.total == 0  # unchanged: cached

@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from nipype.interfaces import ants, elastix, fsl, mrtrix3
 from nipype.interfaces.base import (
-    BaseInterface,
-    BaseInterfaceInputSpec,
     CommandLine,
     CommandLineInputSpec,
     File,
@@ -30,6 +28,9 @@ from nipype_nibtrack.nipype.traits import is_image
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf
+from nipype_fixtures import VoxelSum
+
+from tests.nipype_interfaces import interface_classes
 
 FLIRT = nt.accept_images(fsl.FLIRT)
 MRConvert = nt.accept_images(mrtrix3.MRConvert)
@@ -94,30 +95,6 @@ class Surface(CommandLine):
 
     _cmd = 'true'
     input_spec = SurfaceInputSpec
-
-
-class VoxelSumInputSpec(BaseInterfaceInputSpec):
-    in_file = File(exists=True, mandatory=True, desc='image')
-
-
-class VoxelSumOutputSpec(TraitedSpec):
-    total = traits.Float()
-    seen = traits.Str(desc='what the interface body received')
-
-
-class VoxelSum(BaseInterface):
-    """A BaseInterface written in Python."""
-
-    input_spec = VoxelSumInputSpec
-    output_spec = VoxelSumOutputSpec
-
-    def _run_interface(self, runtime):
-        self._seen = self.inputs.in_file
-        self._total = float(np.asanyarray(nib.load(self.inputs.in_file).dataobj).sum())
-        return runtime
-
-    def _list_outputs(self):
-        return {'total': self._total, 'seen': self._seen}
 
 
 def _store_files() -> set:
@@ -474,31 +451,6 @@ def test_unwritable_image_in_a_function_node_names_the_input(tmp_path):
 IMAGE_PHRASE = ' or a nibabel image'
 
 
-def _nipype_interface_classes() -> list[type]:
-    import importlib
-    import pkgutil
-    import warnings
-
-    import nipype.interfaces
-
-    found = []
-    for info in pkgutil.walk_packages(nipype.interfaces.__path__, 'nipype.interfaces.'):
-        if '.tests' in info.name:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                module = importlib.import_module(info.name)
-        except Exception:
-            continue  # an optional dependency is missing
-        found += [
-            v
-            for v in vars(module).values()
-            if isinstance(v, type) and issubclass(v, BaseInterface) and v.__module__ == info.name
-        ]
-    return found
-
-
 def _outcome(call) -> str:
     try:
         return repr(call())
@@ -514,7 +466,7 @@ def test_every_nipype_interface_behaves_the_same_for_paths(capsys, tmp_path, mon
     """Inputs, their order, defaults, metadata, help, the first missing input."""
     monkeypatch.chdir(tmp_path)  # some cmdlines write a file (niftyreg's reg_average_cmd)
     wrapped = 0
-    for original in _nipype_interface_classes():
+    for original in interface_classes():
         aware = nt.accept_images(original)
         if aware is original:
             continue

@@ -369,3 +369,21 @@ def test_label_of_a_plain_relative_image_after_chdir_refuses(tmp_path, monkeypat
         nt.image_label(img)  # a digest of second/anat.nii would name other content
     monkeypatch.chdir(first)
     assert nt.image_label(img) == label
+
+
+def test_load_reference_is_the_way_back_from_as_filename(tmp_path, store):
+    img = nib.Nifti1Image(np.arange(8, dtype='f4').reshape(2, 2, 2), np.eye(4))
+    back = nt.load_reference(nt.as_filename(img))
+    assert np.array_equal(back.get_fdata(), img.get_fdata()) and not nt.is_dirty(back)
+
+
+def test_a_missing_reference_raises_the_given_error_naming_file_and_remedy(tmp_path):
+    class Missing(FileNotFoundError):
+        pass
+
+    gone = tmp_path / 'gone.nii'
+    with pytest.raises(Missing) as info:
+        nt.load_reference(gone, error=Missing, shared='the cache', note='Run it again.')
+    message = str(info.value)
+    assert str(gone) in message and nt.ENV_VAR in message
+    assert 'the cache' in message and message.endswith('Run it again.')

@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
@@ -393,31 +394,42 @@ def test_old_digest_version_entries_are_never_read(tmp_path):
     assert store.lookup(digest, 'a.txt') is None
 
 
-def test_an_entry_always_holds_its_key_while_another_thread_edits(tmp_path):
-    """The bytes of every entry match its key, whatever another thread does meanwhile."""
-    import threading
-
-    store = Store(tmp_path / 'store')
-    data = np.zeros((64, 64, 64, 8), 'f4')
-    img = nib.Nifti1Image(data, np.eye(4))
+def _resolved_while_editing(img, store: Store, edit, times: int, pause: float = 0.0) -> list:
+    """``as_filename(img)`` ``times`` times while another thread calls ``edit(1)``,
+    ``edit(2)``... (pausing ``pause`` seconds after each). Returns the paths handed out;
+    a resolution refused because the image kept changing is allowed and left out."""
     stop = threading.Event()
 
-    def edit():
+    def editor_loop():
         value = 0
         while not stop.is_set():
             value += 1
-            data[..., value % 8] = value
+            edit(value)
+            if pause:
+                stop.wait(pause)
 
-    editor = threading.Thread(target=edit)
+    editor = threading.Thread(target=editor_loop)
     editor.start()
     paths = []
     try:
-        for _ in range(10):
+        for _ in range(times):
             with contextlib.suppress(nt.ImageReadError):  # kept changing: refused, allowed
                 paths.append(nt.as_filename(img, store=store))
     finally:
         stop.set()
         editor.join()
+    return paths
+
+
+def test_an_entry_always_holds_its_key_while_another_thread_edits(tmp_path):
+    """The bytes of every entry match its key, whatever another thread does meanwhile."""
+    data = np.zeros((64, 64, 64, 8), 'f4')
+    img = nib.Nifti1Image(data, np.eye(4))
+
+    def edit(value):
+        data[..., value % 8] = value
+
+    paths = _resolved_while_editing(img, Store(tmp_path / 'store'), edit, times=10)
     for path in paths:
         written = nib.load(path)
         key = Path(path).parent.name
@@ -442,32 +454,15 @@ def test_manifest_hashes_are_those_of_the_files_written(ext, tmp_path):
 
 def test_an_entry_holds_its_key_while_another_thread_edits_the_header(tmp_path):
     """Header and affine edits racing the write never give an entry another header."""
-    import threading
-
-    store = Store(tmp_path / 'store')
     img = nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4))
-    stop = threading.Event()
 
-    def edit():
-        value = 0
-        while not stop.is_set():
-            value += 1
-            img.header['descrip'] = str(value).encode()
-            img.affine[0, 3] = value
-            # a short pause: edits still land inside writes, but a tight loop starves
-            # every resolution into "kept changing" on a busy machine
-            stop.wait(0.001)
+    def edit(value):
+        img.header['descrip'] = str(value).encode()
+        img.affine[0, 3] = value
 
-    editor = threading.Thread(target=edit)
-    editor.start()
-    paths = []
-    try:
-        for _ in range(30):
-            with contextlib.suppress(nt.ImageReadError):  # kept changing: refused, allowed
-                paths.append(nt.as_filename(img, store=store))
-    finally:
-        stop.set()
-        editor.join()
+    # a short pause: edits still land inside writes, but a tight loop starves every
+    # resolution into "kept changing" on a busy machine
+    paths = _resolved_while_editing(img, Store(tmp_path / 'store'), edit, 30, pause=0.001)
     assert paths
     for path in paths:
         written = nib.load(path)

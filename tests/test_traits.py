@@ -18,7 +18,14 @@ from traits.trait_base import _Undefined
 from traits.trait_handlers import TraitCompound
 
 import nipype_nibtrack as nt
-from nipype_nibtrack.nipype.traits import ImageFile, InputMultiImage, contains_image, is_image
+from nipype_nibtrack.nipype.traits import (
+    ImageFile,
+    InputMultiImage,
+    contains_image,
+    is_image,
+    iter_images,
+    map_images,
+)
 
 sys.path.insert(0, os.path.dirname(__file__))
 import nipype_fixtures as nf
@@ -171,6 +178,71 @@ def test_is_image_contains_image():
     img = nf.random_image(seed=5)
     assert is_image(img) and not is_image(nf.ANAT) and not is_image(np.zeros(3))
     assert contains_image([nf.ANAT, (1, [img])]) and not contains_image([nf.ANAT, 2])
+
+
+_LEAF_IMAGES = [nf.random_image((2, 2, 2), seed=seed) for seed in (60, 61)]
+_NESTED = st.recursive(
+    st.sampled_from([*_LEAF_IMAGES, nf.ANAT, 3, None]),
+    lambda inner: (
+        st.lists(inner, max_size=3)
+        | st.lists(inner, max_size=3).map(tuple)
+        | st.dictionaries(st.text(max_size=2), inner, max_size=3)
+    ),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value=_NESTED)
+def test_map_images_and_iter_images_walk_the_same_places(value):
+    seen = []
+
+    def mark(img):
+        seen.append(img)
+        return f'image {len(seen)}'
+
+    mapped = map_images(value, mark)
+    assert [id(img) for img in iter_images(value)] == [id(img) for img in seen]
+    assert contains_image(value) == bool(seen) and not contains_image(mapped)
+    assert map_images(value, lambda img: img) == value  # same shape, same leaves
+
+
+def _wrapped(kind, img):
+    return {
+        'list': lambda: [nf.ANAT, img],
+        'tuple': lambda: (3, img),
+        'dict': lambda: {'mask': img},
+        'nested': lambda: [{'a': (img,)}],
+    }[kind]()
+
+
+@pytest.mark.parametrize('kind', ['list', 'tuple', 'dict', 'nested'])
+def test_every_image_walker_reaches_images_in(kind, tmp_path, monkeypatch, store):
+    # pickling, binding, resolution and the image checks walk the same containers: one
+    # that reached images where another did not would pickle, bind or hash them wrongly
+    from nipype_nibtrack.nipype import accept, binding, pickling
+
+    monkeypatch.chdir(tmp_path)
+    nib.save(nf.random_image((3, 3, 3), seed=62), 'rel.nii')
+    img = nib.load('rel.nii')
+    value = _wrapped(kind, img)
+    assert list(iter_images(value)) == [img]
+    refs = list(iter_images(pickling.references(value)))
+    assert refs == [] and str(tmp_path / 'rel.nii') in repr(pickling.references(value))
+    bound = list(iter_images(map_images(value, binding._bound_if_relative)))
+    assert len(bound) == 1 and not binding.depends_on_cwd(bound[0])
+    resolved = accept._resolve_value(value, None, 'walker')
+    assert not contains_image(resolved) and str(tmp_path / 'rel.nii') in repr(resolved)
+
+
+def test_a_list_input_value_comes_back_a_plain_list():
+    class Spec(TraitedSpec):
+        in_files = InputMultiImage(ImageFile(exists=True))
+
+    spec = Spec(in_files=[nf.random_image(seed=63)])
+    mapped = map_images(spec.in_files, lambda img: nf.ANAT)
+    assert type(mapped) is list and mapped == [nf.ANAT]
+    spec.in_files = mapped  # the trait takes it back
 
 
 # ---------------------------------------------------------------- accept_images copies
@@ -391,3 +463,22 @@ def _as_paths(value, img):
     if isinstance(value, tuple):
         return tuple(_as_paths(v, img) for v in value)
     return value
+
+
+def test_a_file_in_a_nested_either_reads_the_formats_it_was_given():
+    # the copy and the search for its ImageFile walk the same registry: an Either inside
+    # an Either once got an ImageFile that trait_formats did not find (formats None: an
+    # image would have been handed on in any format, its own file's included)
+    from nipype.interfaces.base import traits
+
+    class Spec(TraitedSpec):
+        x = traits.Either(traits.Either(File(exists=True), traits.Int), traits.Str)
+
+    formats = ('.mif', '.nii')
+
+    class Aware(TraitedSpec):
+        x = nt.nipype.image_trait(Spec.class_traits()['x'], formats)
+
+    assert nt.nipype.accept.trait_formats(Aware(), 'x') == formats
+    spec = Aware(x=nf.random_image(seed=64))
+    assert is_image(spec.x)

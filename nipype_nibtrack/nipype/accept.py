@@ -22,17 +22,17 @@ import contextlib
 import functools
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from nipype.interfaces.base import BaseInterface
 from nipype.interfaces.base.traits_extension import File
-from traits.api import BaseTuple, CTrait, Dict, List, TraitType, Union
+from traits.api import BaseTuple, CTrait, Dict, List, Union
 from traits.trait_handlers import TraitCompound
 
 from .. import normalise_formats, resolve
 from .mirror import mirror_name
-from .traits import ImageFile, contains_image, is_image, iter_images
+from .traits import ImageFile, contains_image, iter_images, map_images
 
 __all__ = [
     'FAMILY_FORMATS',
@@ -85,77 +85,91 @@ def _copy(old: Any, klass: type | None = None) -> Any:
     return new
 
 
-@functools.singledispatch
-def _image_type(handler: Any, formats: tuple[str, ...]) -> Any | None:
-    """An image-accepting copy of a trait type or handler; None if no File sits inside.
+#: The members directly inside a compound trait type (CTraits, or handlers for
+#: ``Either``), and how to build a copy of it around new members
+_Inner = tuple[list[Any], Callable[[list[Any]], Any]]
 
-    A registry: one function per kind of trait that can hold a ``File``.
+
+@functools.singledispatch
+def _inner(handler: Any) -> _Inner | None:
+    """What ``handler`` holds and how to rebuild it; None when it is not compound.
+
+    A registry: one function per kind of trait that can hold a ``File``. Both the
+    image-accepting copies (:func:`image_trait`) and the search for the image inputs
+    of a trait (:func:`trait_formats`) walk traits through it.
     """
     return None
 
 
-@_image_type.register
-def _(handler: File, formats: tuple[str, ...]) -> Any:
-    if isinstance(handler, ImageFile):
-        return None  # takes images already
-    new = _copy(handler, ImageFile)
-    new._metadata.setdefault('image_formats', formats)
+def _with(handler: Any, **members: Any) -> Any:
+    """A copy of ``handler`` (see :func:`_copy`) holding other members."""
+    new = _copy(handler)
+    for name, value in members.items():
+        setattr(new, name, value)
     return new
 
 
-@_image_type.register
-def _(handler: List, formats: tuple[str, ...]) -> Any | None:
+@_inner.register
+def _(handler: List) -> _Inner:
     # List and nipype's InputMultiObject / InputMultiPath, a List subclass
-    item = image_trait(handler.item_trait, formats)
-    if item is None:
+    return [handler.item_trait], lambda new: _with(handler, item_trait=new[0])
+
+
+@_inner.register
+def _(handler: BaseTuple) -> _Inner:
+    def build(new: list[Any]) -> Any:
+        types = tuple(new)
+        if 'fast_validate' not in handler.__dict__:
+            return _with(handler, types=types)
+        fast = handler.fast_validate
+        return _with(handler, types=types, fast_validate=(fast[0], types, *fast[2:]))
+
+    return list(handler.types), build
+
+
+@_inner.register
+def _(handler: Union) -> _Inner:
+    return list(handler.list_ctrait_instances), lambda new: _with(
+        handler, list_ctrait_instances=new
+    )
+
+
+@_inner.register
+def _(handler: Dict) -> _Inner:
+    return [handler.value_trait], lambda new: _with(
+        handler, value_trait=new[0], value_handler=new[0].handler
+    )
+
+
+@_inner.register
+def _(handler: TraitCompound) -> _Inner:
+    # traits.Either(...): a compound handler over trait types (handlers, not CTraits)
+    return list(handler.handlers), TraitCompound
+
+
+def _handler_of(member: Any) -> Any:
+    return member.handler if isinstance(member, CTrait) else member
+
+
+def _image_type(handler: Any, formats: tuple[str, ...]) -> Any | None:
+    """An image-accepting copy of a trait type or handler; None if no File sits inside."""
+    if isinstance(handler, File):
+        if isinstance(handler, ImageFile):
+            return None  # takes images already
+        new = _copy(handler, ImageFile)
+        new._metadata.setdefault('image_formats', formats)
+        return new
+    inner = _inner(handler)
+    if inner is None:
         return None
-    new = _copy(handler)
-    new.item_trait = item
-    return new
-
-
-@_image_type.register
-def _(handler: BaseTuple, formats: tuple[str, ...]) -> Any | None:
-    types = [image_trait(t, formats) for t in handler.types]
-    if not any(types):
+    members, build = inner
+    new = [
+        image_trait(m, formats) if isinstance(m, CTrait) else _image_type(m, formats)
+        for m in members
+    ]
+    if all(n is None for n in new):
         return None
-    new = _copy(handler)
-    new.types = tuple(n or t for n, t in zip(types, handler.types, strict=True))
-    if 'fast_validate' in handler.__dict__:
-        new.fast_validate = (handler.fast_validate[0], new.types, *handler.fast_validate[2:])
-    return new
-
-
-@_image_type.register
-def _(handler: Union, formats: tuple[str, ...]) -> Any | None:
-    members = [image_trait(t, formats) for t in handler.list_ctrait_instances]
-    if not any(members):
-        return None
-    new = _copy(handler)
-    old = handler.list_ctrait_instances
-    new.list_ctrait_instances = [n or t for n, t in zip(members, old, strict=True)]
-    return new
-
-
-@_image_type.register
-def _(handler: Dict, formats: tuple[str, ...]) -> Any | None:
-    value = image_trait(handler.value_trait, formats)
-    if value is None:
-        return None
-    new = _copy(handler)
-    new.value_trait = value
-    new.value_handler = value.handler
-    return new
-
-
-@_image_type.register
-def _(handler: TraitCompound, formats: tuple[str, ...]) -> Any | None:
-    # traits.Either(...): a compound handler over trait types
-    members = [_image_type(h, formats) for h in handler.handlers]
-    if not any(m is not None for m in members):
-        return None
-    pairs = zip(members, handler.handlers, strict=True)
-    return TraitCompound([n if n is not None else h for n, h in pairs])
+    return build([n if n is not None else m for n, m in zip(new, members, strict=True)])
 
 
 def image_trait(trait: CTrait, formats: tuple[str, ...] = _DEFAULT) -> CTrait | None:
@@ -188,44 +202,14 @@ def image_trait(trait: CTrait, formats: tuple[str, ...] = _DEFAULT) -> CTrait | 
     return new
 
 
-@functools.singledispatch
-def _members(handler: Any) -> list[CTrait]:
-    """The traits directly inside a compound trait type (a registry, as ``_image_type``)."""
-    return []
-
-
-@_members.register
-def _(handler: List) -> list[CTrait]:
-    return [handler.item_trait]
-
-
-@_members.register
-def _(handler: BaseTuple) -> list[CTrait]:
-    return list(handler.types)
-
-
-@_members.register
-def _(handler: Union) -> list[CTrait]:
-    return list(handler.list_ctrait_instances)
-
-
-@_members.register
-def _(handler: Dict) -> list[CTrait]:
-    return [handler.value_trait]
-
-
-@_members.register
-def _(handler: TraitCompound) -> list[CTrait]:
-    return [h.as_ctrait() for h in handler.handlers if isinstance(h, TraitType)]
-
-
-def _image_files(trait: CTrait) -> Iterator[ImageFile]:
-    """Every :class:`ImageFile` inside ``trait``, outermost first."""
-    if isinstance(trait.handler, ImageFile):
-        yield trait.handler
+def _image_files(handler: Any) -> Iterator[ImageFile]:
+    """Every :class:`ImageFile` inside a trait type or handler, outermost first."""
+    if isinstance(handler, ImageFile):
+        yield handler
         return
-    for member in _members(trait.handler):
-        yield from _image_files(member)
+    inner = _inner(handler)
+    for member in inner[0] if inner is not None else ():
+        yield from _image_files(_handler_of(member))
 
 
 def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
@@ -239,7 +223,7 @@ def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
     trait = spec.trait(name)
     if trait is None:
         return None
-    found = next(_image_files(trait), None)
+    found = next(_image_files(trait.handler), None)
     if found is not None:
         return found.formats(getattr(spec, '_nibtrack_formats', None))
     while isinstance(trait.handler, List):
@@ -253,19 +237,14 @@ def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
 
 
 def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> Any:
-    if is_image(value):
-        resolution = resolve(value, formats=formats)
+    """``value`` with every image a file name (plain containers: the trait validates them)."""
+
+    def path_of(img: Any) -> str:
+        resolution = resolve(img, formats=formats)
         logger.info('[nibtrack] %s: %s', label, resolution.describe())
         return resolution.path
-    # A list input holds a TraitListObject, whose constructor needs its trait: build
-    # plain lists and tuples, which the trait validates again when they are set
-    if isinstance(value, list):
-        return [_resolve_value(v, formats, label) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_resolve_value(v, formats, label) for v in value)
-    if isinstance(value, dict):
-        return {k: _resolve_value(v, formats, label) for k, v in value.items()}
-    return value
+
+    return map_images(value, path_of)
 
 
 def resolve_spec_images(spec: Any) -> dict[str, Any]:

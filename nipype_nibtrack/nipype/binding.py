@@ -47,7 +47,7 @@ from nipype.utils.misc import str2bool
 from traits.api import TraitError
 
 from .. import is_dirty, load, resolve, source_files
-from .traits import contains_image, is_image, iter_images
+from .traits import contains_image, iter_images, map_images
 
 __all__ = ['bound_copy', 'depends_on_cwd', 'install']
 
@@ -87,17 +87,8 @@ def bound_copy(img: Any) -> Any:
     return load(resolve(img).path)
 
 
-def _bind_value(value: Any, wanted: Any = lambda img: True) -> Any:
-    """``value`` with each image that ``wanted`` picks replaced by its bound copy."""
-    if is_image(value):
-        return bound_copy(value) if wanted(value) else value
-    if isinstance(value, list):
-        return [_bind_value(v, wanted) for v in value]
-    if isinstance(value, tuple):
-        return tuple(_bind_value(v, wanted) for v in value)
-    if isinstance(value, dict):
-        return {k: _bind_value(v, wanted) for k, v in value.items()}
-    return value
+def _bound_if_relative(img: Any) -> Any:
+    return bound_copy(img) if depends_on_cwd(img) else img
 
 
 # ---------------------------------------------------------------- deep copies
@@ -152,7 +143,7 @@ def _bound_inputs(spec: BaseTraitedSpec) -> Iterator[None]:
         value = getattr(spec, name)
         if any(depends_on_cwd(img) for img in iter_images(value)):
             try:
-                new = _bind_value(value, depends_on_cwd)
+                new = map_images(value, _bound_if_relative)
                 spec.trait_set(trait_change_notify=False, **{name: new})
             except (ValueError, TypeError, TraitError):
                 continue  # cannot become a file: the hash names the input and the cause
@@ -190,7 +181,7 @@ def bind_outputs(outputs: Any, cwd: str | os.PathLike, names: list[str]) -> list
             if not contains_image(value):
                 continue
             try:
-                new = _bind_value(value)
+                new = map_images(value, bound_copy)
                 outputs.trait_set(trait_change_notify=False, **{name: new})
             except (ValueError, TypeError, TraitError):
                 continue  # pickled whole, as plain nipype does (see pickling)

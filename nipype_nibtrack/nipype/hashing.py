@@ -13,10 +13,12 @@ resolves to, where nipype's encoder failed on the header object.
 
 from __future__ import annotations
 
+import functools
 from contextvars import ContextVar
 from typing import Any
 
 from nipype.interfaces.base.specs import BaseTraitedSpec
+from nipype.interfaces.base.support import Bunch
 from nipype.pipeline.engine import utils as engine_utils
 from nipype.utils import provenance as nipype_provenance
 
@@ -51,6 +53,32 @@ def _path_of(img: Any) -> str:
     return memo[id(img)]
 
 
+@functools.singledispatch
+def _walkable(value: Any) -> Any:
+    """``value`` as the dicts and lists nipype's hash walks, or None to leave it to nipype.
+
+    nipype walks lists, tuples and dicts, and hashes anything else by its text: an image
+    in a set or a ``Bunch`` entered the hash as ``<Nifti1Image object at 0x...>``, which
+    an edit leaves as it was (a stale cached result). Walked, it hashes as its file.
+    """
+    return None
+
+
+@_walkable.register(set)
+@_walkable.register(frozenset)
+def _(value: set | frozenset) -> dict:
+    # in the order of what the items stand for: a set's own order follows the hash seed
+    def key(item: Any) -> str:
+        return _path_of(item) if is_image(item) else repr(item)
+
+    return {f'__{type(value).__name__}__': sorted(value, key=key)}
+
+
+@_walkable.register
+def _(value: Bunch) -> dict:
+    return {'__Bunch__': dict(value.__dict__)}
+
+
 def install() -> None:
     """Install the hashing hooks; calling it again changes nothing."""
     if getattr(BaseTraitedSpec._get_sorteddict, '_nibtrack', False):
@@ -67,6 +95,10 @@ def install() -> None:
     ) -> Any:
         if is_image(objekt):
             objekt = _path_of(objekt)
+        else:
+            walkable = _walkable(objekt)
+            if walkable is not None and next(iter_images(objekt), None) is not None:
+                objekt = walkable
         return sorteddict(self, objekt, dictwithhash, hash_method, hash_files)
 
     def _get_valid_pathstr(value: Any) -> Any:

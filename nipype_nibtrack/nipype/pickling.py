@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import io
 import logging
-import os
 import pickle
 import threading
 import types
@@ -35,8 +34,9 @@ from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.interfaces.base.support import InterfaceResult
 from nipype.utils import filemanip
 
-from .. import ENV_VAR, as_filename, chosen_store, load, set_store
-from .traits import contains_image, is_image
+from .. import as_filename, chosen_store, set_store
+from .. import load_reference as core_load_reference
+from .traits import contains_image, is_image, map_images
 
 __all__ = [
     'ImagePickler',
@@ -52,20 +52,14 @@ logger = logging.getLogger('nipype_nibtrack')
 
 
 def load_reference(path: str) -> Any:
-    """Load the image a pickled reference names.
+    """Load the image a pickled reference names (:func:`nipype_nibtrack.load_reference`).
 
     >>> import os
     >>> from nibabel.testing import data_path
     >>> load_reference(os.path.join(data_path, 'anatomical.nii')).shape
     (33, 41, 25)
     """
-    if not os.path.exists(path):
-        raise FileNotFoundError(
-            f'nipype_nibtrack: the image file {path} is not readable on this machine. '
-            f'Images travel between processes as file references: put the image store '
-            f'({ENV_VAR}) and the work directory on a filesystem every worker shares.'
-        )
-    return load(path)
+    return core_load_reference(path)
 
 
 class ImageReference:
@@ -110,7 +104,7 @@ def _reference_or_image(img: Any, formats: tuple[str, ...] | None) -> Any:
 
 
 def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
-    """``value`` with every image, at any depth of lists, tuples and dicts, a reference.
+    """``value`` with every image, at any depth of containers (see ``map_images``), a reference.
 
     >>> import os, nibabel as nib
     >>> from nibabel.testing import data_path
@@ -118,16 +112,7 @@ def references(value: Any, formats: tuple[str, ...] | None = None) -> Any:
     >>> references({'in': [nib.load(path), 3]})['in'][0].path == path
     True
     """
-    if is_image(value):
-        return _reference_or_image(value, formats)
-    # TraitListObject (a list input's value) cannot be rebuilt by calling its type
-    if isinstance(value, list):
-        return [references(v, formats) for v in value]
-    if isinstance(value, tuple):
-        return tuple(references(v, formats) for v in value)
-    if isinstance(value, dict):
-        return {k: references(v, formats) for k, v in value.items()}
-    return value
+    return map_images(value, lambda img: _reference_or_image(img, formats))
 
 
 class ImagePickler(pickle.Pickler):

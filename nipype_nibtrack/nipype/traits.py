@@ -2,17 +2,26 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from nibabel.filebasedimages import FileBasedImage
+from nipype.interfaces.base.support import Bunch
 from nipype.interfaces.base.traits_extension import File, InputMultiObject
 from traits.api import TraitError
 
 from .. import check_image, normalise_formats
 
-__all__ = ['ImageFile', 'InputMultiImage', 'contains_image', 'is_image', 'iter_images']
+__all__ = [
+    'ImageFile',
+    'InputMultiImage',
+    'contains_image',
+    'is_image',
+    'iter_images',
+    'map_images',
+]
 
 #: Extensions read when neither the trait nor the interface family says otherwise
 DEFAULT_FORMATS = ('.nii', '.nii.gz')
@@ -28,8 +37,74 @@ def is_image(value: Any) -> bool:
     return isinstance(value, FileBasedImage)
 
 
+@functools.singledispatch
+def _parts(value: Any) -> tuple[Iterable[Any], Callable[[list[Any]], Any]] | None:
+    """The values a container holds, and how to build a container of new ones.
+
+    A registry: the one place that says which containers hold images (None: not one).
+    Lists and tuples come back plain: a list input's ``TraitListObject`` cannot be
+    rebuilt by calling its type, and the trait validates a plain list again when set.
+    """
+    return None
+
+
+#: Values that hold nothing: answered without asking the registry (walks are hot paths)
+_SCALARS = (str, bytes, int, float, type(None))
+
+
+@_parts.register
+def _(value: list) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, list
+
+
+@_parts.register
+def _(value: tuple) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, tuple
+
+
+@_parts.register
+def _(value: dict) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value.values(), lambda new: dict(zip(value, new, strict=True))
+
+
+@_parts.register(set)
+@_parts.register(frozenset)
+def _(value: set | frozenset) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    return value, frozenset if isinstance(value, frozenset) else set
+
+
+@_parts.register
+def _(value: Bunch) -> tuple[Iterable[Any], Callable[[list[Any]], Any]]:
+    # nipype's attribute bag (SpecifyModel's subject_info, Function inputs)
+    fields = dict(value.__dict__)
+    return fields.values(), lambda new: Bunch(zip(fields, new, strict=True))
+
+
+def map_images(value: Any, fn: Callable[[Any], Any]) -> Any:
+    """``value`` with every image, at any depth of containers, replaced by ``fn(image)``.
+
+    The containers: lists, tuples, dicts, sets, frozensets and nipype's ``Bunch``. They
+    are rebuilt (a list input's ``TraitListObject`` as a plain list); anything else is
+    kept as it is.
+
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
+    >>> map_images(['a.nii', (3, {'mask': img})], lambda found: found.shape)
+    ['a.nii', (3, {'mask': (2, 2, 2)})]
+    """
+    if is_image(value):
+        return fn(value)
+    parts = None if isinstance(value, _SCALARS) else _parts(value)
+    if parts is None:
+        return value
+    items, build = parts
+    return build([map_images(item, fn) for item in items])
+
+
 def iter_images(value: Any) -> Iterator[Any]:
-    """Every image in ``value``: itself, or held at any depth of lists, tuples and dicts.
+    """Every image in ``value``: itself, or held at any depth of containers.
+
+    The containers :func:`map_images` walks, in the same order.
 
     >>> import numpy as np, nibabel as nib
     >>> img = nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))
@@ -38,16 +113,15 @@ def iter_images(value: Any) -> Iterator[Any]:
     """
     if is_image(value):
         yield value
-    elif isinstance(value, (list, tuple)):
-        for item in value:
-            yield from iter_images(item)
-    elif isinstance(value, dict):
-        for item in value.values():
+        return
+    parts = None if isinstance(value, _SCALARS) else _parts(value)
+    if parts is not None:
+        for item in parts[0]:
             yield from iter_images(item)
 
 
 def contains_image(value: Any) -> bool:
-    """True for an image, or a list, tuple or dict holding one at any depth.
+    """True for an image, or a container (see :func:`map_images`) holding one at any depth.
 
     >>> import numpy as np, nibabel as nib
     >>> contains_image(['a.nii', [nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))]])

@@ -110,21 +110,49 @@ def _is_file(value: Any) -> bool:
     return isinstance(value, (str, os.PathLike)) and not isinstance(value, FileBasedImage)
 
 
+def _map(value: Any, fn: ty.Callable[[Any], Any]) -> Any:
+    """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts.
+
+    Lists and tuples keep their type (pydra validates the value again).
+    """
+    if isinstance(value, (list, tuple)):
+        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, dict):
+        return {k: _map(v, fn) for k, v in value.items()}
+    return fn(value)
+
+
+def _leaves(value: Any) -> ty.Iterator[Any]:
+    """The items :func:`_map` applies its function to, in the same order."""
+    if isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _leaves(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _leaves(v)
+    else:
+        yield value
+
+
+def _unusable(value: Any, label: str, err: Exception) -> TypeError:
+    kind = type(value).__name__
+    return TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}')
+
+
 def _convert(value: Any, to_file: bool, formats: tuple[str, ...] | None, label: str) -> Any:
     """``value`` with its images made paths (``to_file``), or its paths made images."""
-    if isinstance(value, (list, tuple)):
-        return type(value)(_convert(v, to_file, formats, label) for v in value)
-    if isinstance(value, dict):
-        return {k: _convert(v, to_file, formats, label) for k, v in value.items()}
-    try:
-        if to_file and _is_image(value):
-            return _ImagePath(as_filename(value, formats=formats))
-        if not to_file and _is_file(value):
-            return load(os.fspath(value))
-    except (OSError, ValueError, TypeError, ImageFileError) as err:
-        kind = type(value).__name__
-        raise TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}') from err
-    return value
+
+    def convert(item: Any) -> Any:
+        try:
+            if to_file and _is_image(item):
+                return _ImagePath(as_filename(item, formats=formats))
+            if not to_file and _is_file(item):
+                return load(os.fspath(item))
+        except (OSError, ValueError, TypeError, ImageFileError) as err:
+            raise _unusable(item, label, err) from err
+        return item
+
+    return _map(value, convert)
 
 
 class _ImagePath(str):
@@ -133,13 +161,11 @@ class _ImagePath(str):
 
 def _extensions(value: Any, formats: tuple[str, ...]) -> set[str]:
     """The extensions, among ``formats``, of the paths images became in ``value``."""
-    if isinstance(value, _ImagePath):
-        return {max((f for f in formats if value.lower().endswith(f)), key=len, default='')}
-    if isinstance(value, (list, tuple)):
-        return set().union(*(_extensions(v, formats) for v in value))
-    if isinstance(value, dict):
-        return set().union(*(_extensions(v, formats) for v in value.values()))
-    return set()
+    return {
+        max((f for f in formats if path.lower().endswith(f)), key=len, default='')
+        for path in _leaves(value)
+        if isinstance(path, _ImagePath)
+    }
 
 
 def _to_files(coerce: ty.Callable, parser: TypeParser, obj: Any) -> Any:
@@ -171,28 +197,21 @@ def _detach(value: Any, label: str) -> Any:
     (``get_fdata(dtype=...)`` of another dtype drops an edited data cache and reads the
     file). An image whose class its file does not load back as is kept.
     """
-    if isinstance(value, (list, tuple)):
-        return type(value)(_detach(v, label) for v in value)
-    if isinstance(value, dict):
-        return {k: _detach(v, label) for k, v in value.items()}
-    if not _is_image(value):
-        return value
-    try:
-        fresh = load(as_filename(value))
-    except (OSError, ValueError, TypeError, ImageFileError) as err:
-        kind = type(value).__name__
-        raise TypeError(f'the {kind} given to {label or "a field"} cannot be used: {err}') from err
-    return fresh if type(fresh) is type(value) else value
+
+    def detach(item: Any) -> Any:
+        if not _is_image(item):
+            return item
+        try:
+            fresh = load(as_filename(item))
+        except (OSError, ValueError, TypeError, ImageFileError) as err:
+            raise _unusable(item, label, err) from err
+        return fresh if type(fresh) is type(item) else item
+
+    return _map(value, detach)
 
 
 def _contains(value: Any, test: ty.Callable[[Any], bool]) -> bool:
-    if test(value):
-        return True
-    if isinstance(value, (list, tuple)):
-        return any(_contains(v, test) for v in value)
-    if isinstance(value, dict):
-        return any(_contains(v, test) for v in value.values())
-    return False
+    return any(test(item) for item in _leaves(value))
 
 
 def _wrap_coerce(coerce: ty.Callable) -> ty.Callable:

@@ -16,14 +16,14 @@ it); until then it pickles whole (correct, only larger).
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 from typing import Any
 
 import cloudpickle
 from nibabel.filebasedimages import FileBasedImage
 
-from .. import ENV_VAR, as_filename, load
+from .. import as_filename
+from .. import load_reference as core_load_reference
 
 __all__ = ['MissingImageFile', 'install', 'load_reference', 'reduce_image', 'register']
 
@@ -48,14 +48,12 @@ def load_reference(path: str) -> Any:
     >>> load_reference(os.path.join(data_path, 'anatomical.nii')).shape
     (33, 41, 25)
     """
-    if not os.path.exists(path):
-        raise MissingImageFile(
-            f'nipype_nibtrack: the image file {path} is not readable here. Images travel '
-            f'to pydra workers as file references: put the image store ({ENV_VAR}) and '
-            "pydra's cache directory on a file system every worker shares; a store "
-            'entry deleted by `nibtrack store gc` makes pydra run the task again.'
-        )
-    return load(path)
+    return core_load_reference(
+        path,
+        error=MissingImageFile,
+        shared="pydra's cache directory",
+        note='A store entry deleted by `nibtrack store gc` makes pydra run the task again.',
+    )
 
 
 def reduce_image(img: FileBasedImage) -> Any:

@@ -22,13 +22,12 @@ the wrapped classes, and are undone here:
 from __future__ import annotations
 
 import doctest
-import importlib
 import inspect
-import pkgutil
 import sys
 import types
-import warnings
 from typing import Any
+
+from tests.nipype_interfaces import defined_interfaces, interface_modules
 
 #: Set by :func:`pytest_configure`: original class -> image-aware class.
 REPLACED: dict[type, type] = {}
@@ -36,22 +35,6 @@ REPLACED: dict[type, type] = {}
 OWN_NAMES_KEPT: dict[type, int] = {}
 #: Modules of nipype.interfaces that failed to import (they fail the same way as shipped).
 UNIMPORTABLE: dict[str, str] = {}
-
-
-def _interface_modules() -> list[types.ModuleType]:
-    import nipype.interfaces
-
-    modules = []
-    for info in pkgutil.walk_packages(nipype.interfaces.__path__, 'nipype.interfaces.'):
-        if '.tests' in info.name:
-            continue
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter('ignore')
-                modules.append(importlib.import_module(info.name))
-        except Exception as err:  # optional dependencies missing: as shipped
-            UNIMPORTABLE[info.name] = f'{type(err).__name__}: {err}'
-    return modules
 
 
 def _names(code: types.CodeType) -> set[str]:
@@ -124,20 +107,12 @@ def _keep_own_names(original: type, names: set[str]) -> int:
 
 def replace_interfaces() -> dict[type, type]:
     """Replace every nipype interface class with a file input by its image-aware class."""
-    from nipype.interfaces.base import BaseInterface
-
     import nipype_nibtrack as nt
     from nipype_nibtrack.nipype.accept import takes_images
 
-    for module in _interface_modules():
-        for value in list(vars(module).values()):
-            if (
-                isinstance(value, type)
-                and issubclass(value, BaseInterface)
-                and value.__module__ == module.__name__
-                and value not in REPLACED
-                and takes_images(value)
-            ):
+    for module in interface_modules(UNIMPORTABLE):
+        for value in defined_interfaces(module):
+            if value not in REPLACED and takes_images(value):
                 REPLACED[value] = nt.accept_images(value)
     by_id = {id(original): aware for original, aware in REPLACED.items()}
     own_names = {
