@@ -42,39 +42,6 @@ typedef void (*copy2d)(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0,
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
 
-/* Tiles of B x B items through a small buffer in L1: each source line (along axis 1) is
- * read whole, then each output line (along axis 0) written whole. Reading and writing
- * lines directly would keep 2 B lines alive at once, often a power of two apart: the
- * same cache set, evicted before use. */
-#define DEFINE_COPY2D(NAME, T, B)                                                          \
-    static void NAME(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0,             \
-                     Py_ssize_t s1, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t k)            \
-    {                                                                                      \
-        (void)k;                                                                           \
-        T tile[(B) * (B)];                                                                 \
-        for (Py_ssize_t jb = 0; jb < n1; jb += (B)) {                                      \
-            const Py_ssize_t jn = MIN((Py_ssize_t)(B), n1 - jb);                           \
-            for (Py_ssize_t ib = 0; ib < n0; ib += (B)) {                                  \
-                const Py_ssize_t in_ = MIN((Py_ssize_t)(B), n0 - ib);                      \
-                const char *s = in + ib * s0 + jb * s1;                                    \
-                for (Py_ssize_t i = 0; i < in_; i++) {                                     \
-                    const char *si = s + i * s0;                                           \
-                    for (Py_ssize_t j = 0; j < jn; j++)                                    \
-                        memcpy(&tile[j * (B) + i], si + j * s1, sizeof(T));                \
-                }                                                                          \
-                char *d = out + ib * (Py_ssize_t)sizeof(T) + jb * o1;                      \
-                for (Py_ssize_t j = 0; j < jn; j++)                                        \
-                    memcpy(d + j * o1, &tile[j * (B)], (size_t)in_ * sizeof(T));           \
-            }                                                                              \
-        }                                                                                  \
-    }
-
-DEFINE_COPY2D(copy2d_1, uint8_t, 64)
-DEFINE_COPY2D(copy2d_2, uint16_t, 32)
-DEFINE_COPY2D(copy2d_4, uint32_t, 16)
-DEFINE_COPY2D(copy2d_8, uint64_t, 8)
-DEFINE_COPY2D(copy2d_16, item16, 8)
-
 /* Vectorised tiles for items of 1, 2, 4 and 8 bytes read from a contiguous source run:
  * N x N items (N = 16 / item size) in N 16-byte vectors, transposed in registers by
  * log2(N) rounds of interleaving (a perfect shuffle: row m with row m + N/2), then
@@ -117,39 +84,82 @@ DEFINE_MICRO(micro_2, 2)
 DEFINE_MICRO(micro_4, 4)
 DEFINE_MICRO(micro_8, 8)
 
-/* The 2-D copy with a contiguous source along axis 1 (s1 == k): micro tiles inside
- * tiles of TILE_BYTES a side, the edges item by item. */
-#define TILE_BYTES 64
-#define DEFINE_SIMD2D(NAME, MICRO, E, SCALAR)                                              \
+#else
+#define HAVE_SIMD 0
+#endif
+
+/* The 2-D copy through a staging tile of S x S items in L1: S source rows (axis 0) are
+ * copied S items at a time (along axis 1, the source's fastest) into the tile, then the
+ * tile is transposed into S output runs of S items (along axis 0, the output's fastest).
+ * Every source and output line is read or written whole in one go: direct transposes
+ * keep 2 S lines alive at once, often a power of two apart, so in the same cache set,
+ * and lose them before they are used up. */
+#define DEFINE_STAGED(NAME, T, R, C, MICRO)                                                   \
     static void NAME(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0,             \
                      Py_ssize_t s1, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t k)            \
     {                                                                                      \
-        enum { N = 16 / (E), T = TILE_BYTES / (E) < N ? N : TILE_BYTES / (E) };            \
-        if (s1 != (E)) {                                                                   \
-            SCALAR(out, o1, in, s0, s1, n0, n1, k);                                        \
-            return;                                                                        \
-        }                                                                                  \
-        const Py_ssize_t m0 = n0 - n0 % N, m1 = n1 - n1 % N;                               \
-        for (Py_ssize_t jb = 0; jb < m1; jb += T) {                                        \
-            const Py_ssize_t je = MIN(jb + T, m1);                                         \
-            for (Py_ssize_t ib = 0; ib < m0; ib += T) {                                    \
-                const Py_ssize_t ie = MIN(ib + T, m0);                                     \
-                for (Py_ssize_t j = jb; j < je; j += N)                                    \
-                    for (Py_ssize_t i = ib; i < ie; i += N)                                \
-                        MICRO(out + i * (E) + j * o1, o1, in + i * s0 + j * (E), s0);      \
+        enum { E = sizeof(T), N = HAVE_SIMD && E <= 8 ? 16 / E : 1 };                      \
+        T tile[(R) * (C)];                                                                 \
+        (void)k;                                                                           \
+        for (Py_ssize_t jb = 0; jb < n1; jb += (C)) {                                      \
+            const Py_ssize_t jn = MIN((Py_ssize_t)(C), n1 - jb);                           \
+            for (Py_ssize_t ib = 0; ib < n0; ib += (R)) {                                  \
+                const Py_ssize_t in_ = MIN((Py_ssize_t)(R), n0 - ib);                      \
+                const char *src = in + ib * s0 + jb * s1;                                  \
+                if (s1 == E && jn == (C)) /* a constant size: inlined vector moves */      \
+                    for (Py_ssize_t i = 0; i < in_; i++)                                   \
+                        memcpy(&tile[i * (C)], src + i * s0, (size_t)(C) * E);             \
+                else if (s1 == E)                                                          \
+                    for (Py_ssize_t i = 0; i < in_; i++)                                   \
+                        memcpy(&tile[i * (C)], src + i * s0, (size_t)jn * E);              \
+                else                                                                       \
+                    for (Py_ssize_t i = 0; i < in_; i++)                                   \
+                        for (Py_ssize_t j = 0; j < jn; j++)                                \
+                            memcpy(&tile[i * (C) + j], src + i * s0 + j * s1, E);          \
+                char *dst = out + ib * E + jb * o1;                                        \
+                const Py_ssize_t mi = in_ - in_ % N, mj = jn - jn % N;                     \
+                for (Py_ssize_t j = 0; j < mj; j += N) {                                   \
+                    for (Py_ssize_t i = 0; i < mi; i += N)                                 \
+                        MICRO(dst + i * E + j * o1, o1, (const char *)&tile[i * (C) + j],  \
+                              (Py_ssize_t)(C) * E);                                        \
+                    for (Py_ssize_t i = mi; i < in_; i++)                                  \
+                        for (Py_ssize_t jj = j; jj < j + N; jj++)                          \
+                            memcpy(dst + i * E + jj * o1, &tile[i * (C) + jj], E);         \
+                }                                                                          \
+                for (Py_ssize_t jj = mj; jj < jn; jj++)                                    \
+                    for (Py_ssize_t i = 0; i < in_; i++)                                   \
+                        memcpy(dst + i * E + jj * o1, &tile[i * (C) + jj], E);             \
             }                                                                              \
         }                                                                                  \
-        if (m0 < n0) /* the last rows, every column */                                     \
-            SCALAR(out + m0 * (E), o1, in + m0 * s0, s0, s1, n0 - m0, n1, k);              \
-        if (m1 < n1) /* the last columns, the other rows */                                \
-            SCALAR(out + m1 * o1, o1, in + m1 * (E), s0, s1, m0, n1 - m1, k);              \
     }
 
-DEFINE_SIMD2D(simd2d_1, micro_1, 1, copy2d_1)
-DEFINE_SIMD2D(simd2d_2, micro_2, 2, copy2d_2)
-DEFINE_SIMD2D(simd2d_4, micro_4, 4, copy2d_4)
-DEFINE_SIMD2D(simd2d_8, micro_8, 8, copy2d_8)
+/* a 1 x 1 "transpose": one item */
+#define DEFINE_MICRO_COPY(NAME, T)                                                         \
+    static inline void NAME(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0)       \
+    {                                                                                      \
+        (void)o1;                                                                          \
+        (void)s0;                                                                          \
+        memcpy(out, in, sizeof(T));                                                        \
+    }
+DEFINE_MICRO_COPY(micro_16, item16)
+#if !HAVE_SIMD
+DEFINE_MICRO_COPY(micro_1, uint8_t)
+DEFINE_MICRO_COPY(micro_2, uint16_t)
+DEFINE_MICRO_COPY(micro_4, uint32_t)
+DEFINE_MICRO_COPY(micro_8, uint64_t)
 #endif
+
+#ifndef TILE_ROWS
+#define TILE_ROWS 256 /* bytes along axis 0 (output runs) */
+#endif
+#ifndef TILE_COLS
+#define TILE_COLS 256 /* bytes along the source's fastest axis (source runs) */
+#endif
+DEFINE_STAGED(staged_1, uint8_t, TILE_ROWS / 4, TILE_COLS / 4, micro_1)
+DEFINE_STAGED(staged_2, uint16_t, TILE_ROWS / 2, TILE_COLS / 2, micro_2)
+DEFINE_STAGED(staged_4, uint32_t, TILE_ROWS / 4, TILE_COLS / 4, micro_4)
+DEFINE_STAGED(staged_8, uint64_t, TILE_ROWS / 8, TILE_COLS / 8, micro_8)
+DEFINE_STAGED(staged_16, item16, TILE_ROWS / 16, TILE_COLS / 16, micro_16)
 
 /* Any other item size (RGB triplets, long strings, structured records) */
 static void
@@ -175,18 +185,11 @@ static copy2d
 copier(Py_ssize_t k)
 {
     switch (k) {
-#ifdef HAVE_SIMD
-    case 1: return simd2d_1;
-    case 2: return simd2d_2;
-    case 4: return simd2d_4;
-    case 8: return simd2d_8;
-#else
-    case 1: return copy2d_1;
-    case 2: return copy2d_2;
-    case 4: return copy2d_4;
-    case 8: return copy2d_8;
-#endif
-    case 16: return copy2d_16;
+    case 1: return staged_1;
+    case 2: return staged_2;
+    case 4: return staged_4;
+    case 8: return staged_8;
+    case 16: return staged_16;
     default: return copy2d_any;
     }
 }
@@ -282,12 +285,18 @@ run_plan(const plan *p, char *out, const char *in)
         if (a < 0 || abs_ssize(p->src[d]) < abs_ssize(p->src[a]))
             a = d;
     const int tiled = a > 0 && abs_ssize(p->src[a]) < abs_ssize(p->src[0]);
-    /* outer axes, Fortran order */
+    /* outer axes, the source's fastest first: consecutive 2-D copies read neighbouring
+     * memory (pages already mapped, lines already fetched) */
     int outer[MAX_DIMS];
     int no = 0;
-    for (int d = 1; d < p->nd; d++)
-        if (!(tiled && d == a))
-            outer[no++] = d;
+    for (int d = 1; d < p->nd; d++) {
+        if (tiled && d == a)
+            continue;
+        int o = no++;
+        for (; o > 0 && abs_ssize(p->src[outer[o - 1]]) > abs_ssize(p->src[d]); o--)
+            outer[o] = outer[o - 1];
+        outer[o] = d;
+    }
     Py_ssize_t index[MAX_DIMS] = {0};
     for (;;) {
         if (tiled)

@@ -131,7 +131,7 @@ def gather(arr: np.ndarray, out: np.ndarray) -> np.ndarray:
     >>> gather(a, np.empty(12, np.uint8)).tobytes() == a.tobytes(order='F')
     True
     """
-    if _kernel is not None:
+    if _kernel is not None and not arr.dtype.hasobject:  # pointers are no content
         try:
             _kernel(arr, out)
             return out
