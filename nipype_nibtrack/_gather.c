@@ -109,10 +109,11 @@ DEFINE_MICRO(micro_8, 8)
                 if (s1 == E && jn == (C)) /* a constant size: inlined vector moves */      \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
                         memcpy(&tile[i * (C)], src + i * s0, (size_t)(C) * E);             \
-                else if (s1 == E)                                                          \
+                else if (s1 == E && (jn * E) % 16 == 0) /* 16 bytes a move, inlined */     \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
-                        memcpy(&tile[i * (C)], src + i * s0, (size_t)jn * E);              \
-                else                                                                       \
+                        for (Py_ssize_t b = 0; b < jn * E; b += 16)                        \
+                            memcpy((char *)&tile[i * (C)] + b, src + i * s0 + b, 16);      \
+                else /* an item a move (a call of memcpy per row costs more) */            \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
                         for (Py_ssize_t j = 0; j < jn; j++)                                \
                             memcpy(&tile[i * (C) + j], src + i * s0 + j * s1, E);          \
