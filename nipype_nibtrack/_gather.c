@@ -41,6 +41,11 @@ typedef void (*copy2d)(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0,
                        Py_ssize_t s1, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t k);
 
 #define MIN(a, b) ((a) < (b) ? (a) : (b))
+#if defined(__GNUC__)
+#define NOINLINE __attribute__((noinline))
+#else
+#define NOINLINE
+#endif
 
 /* Vectorised tiles for items of 1, 2, 4 and 8 bytes read from a contiguous source run:
  * N x N items (N = 16 / item size) in N 16-byte vectors, transposed in registers by
@@ -88,6 +93,31 @@ DEFINE_MICRO(micro_8, 8)
 #define HAVE_SIMD 0
 #endif
 
+/* n bytes, 16 at a time then what is left: a call of memcpy per short row
+ * costs more than the copy, and a loop over items may be interchanged with the loop
+ * over rows by the compiler (a read per row, each from another page). */
+static inline void
+copy_row(char *dst, const char *src, Py_ssize_t n)
+{
+    Py_ssize_t b = 0;
+    for (; b + 16 <= n; b += 16)
+        memcpy(dst + b, src + b, 16);
+    if (n - b >= 8) {
+        memcpy(dst + b, src + b, 8);
+        b += 8;
+    }
+    if (n - b >= 4) {
+        memcpy(dst + b, src + b, 4);
+        b += 4;
+    }
+    if (n - b >= 2) {
+        memcpy(dst + b, src + b, 2);
+        b += 2;
+    }
+    if (n - b >= 1)
+        dst[b] = src[b];
+}
+
 /* The 2-D copy through a staging tile of S x S items in L1: S source rows (axis 0) are
  * copied S items at a time (along axis 1, the source's fastest) into the tile, then the
  * tile is transposed into S output runs of S items (along axis 0, the output's fastest).
@@ -95,6 +125,11 @@ DEFINE_MICRO(micro_8, 8)
  * keep 2 S lines alive at once, often a power of two apart, so in the same cache set,
  * and lose them before they are used up. */
 #define DEFINE_STAGED(NAME, T, R, C, MICRO)                                                   \
+    static NOINLINE void NAME##_row(T *dst, const char *src, Py_ssize_t s1, Py_ssize_t n)  \
+    {                                                                                      \
+        for (Py_ssize_t j = 0; j < n; j++)                                                 \
+            memcpy(&dst[j], src + j * s1, sizeof(T));                                      \
+    }                                                                                      \
     static void NAME(char *out, Py_ssize_t o1, const char *in, Py_ssize_t s0,             \
                      Py_ssize_t s1, Py_ssize_t n0, Py_ssize_t n1, Py_ssize_t k)            \
     {                                                                                      \
@@ -109,14 +144,12 @@ DEFINE_MICRO(micro_8, 8)
                 if (s1 == E && jn == (C)) /* a constant size: inlined vector moves */      \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
                         memcpy(&tile[i * (C)], src + i * s0, (size_t)(C) * E);             \
-                else if (s1 == E && (jn * E) % 16 == 0) /* 16 bytes a move, inlined */     \
+                else if (s1 == E)                                                          \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
-                        for (Py_ssize_t b = 0; b < jn * E; b += 16)                        \
-                            memcpy((char *)&tile[i * (C)] + b, src + i * s0 + b, 16);      \
-                else /* an item a move (a call of memcpy per row costs more) */            \
+                        copy_row((char *)&tile[i * (C)], src + i * s0, jn * E);            \
+                else /* strided: an item a move, a row a call (see copy_row) */            \
                     for (Py_ssize_t i = 0; i < in_; i++)                                   \
-                        for (Py_ssize_t j = 0; j < jn; j++)                                \
-                            memcpy(&tile[i * (C) + j], src + i * s0 + j * s1, E);          \
+                        NAME##_row(&tile[i * (C)], src + i * s0, s1, jn);                  \
                 char *dst = out + ib * E + jb * o1;                                        \
                 const Py_ssize_t mi = in_ - in_ % N, mj = jn - jn % N;                     \
                 for (Py_ssize_t j = 0; j < mj; j += N) {                                   \
