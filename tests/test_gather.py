@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import threading
 
 import numpy as np
@@ -15,7 +16,12 @@ from hypothesis.extra import numpy as hnp
 from nipype_nibtrack import digest
 from nipype_nibtrack.digest import array_digest, f_blocks, gather, numpy_gather
 
-_kernel = pytest.importorskip('nipype_nibtrack._gather').gather
+try:
+    from nipype_nibtrack._gather import gather as _kernel
+except ImportError:  # installed without a C compiler: CI installs one, so there it fails
+    if os.environ.get('CI', '').lower() == 'true':
+        raise
+    pytest.skip('nipype_nibtrack._gather is not built', allow_module_level=True)
 
 _DTYPES = [
     'u1', 'i1', '?', '<i2', '>i2', '<u2', '<f2', '>f2', '<f4', '>f4', '<i4', '>u4',
