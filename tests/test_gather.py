@@ -167,6 +167,11 @@ def test_the_destination_must_hold_the_bytes():
     with pytest.raises(ValueError, match='not C-contiguous'):
         _kernel(arr, np.empty((10, 16), np.uint8)[:, ::2])
     assert gather(arr, np.empty(80, np.uint8)).tobytes() == arr.tobytes(order='F')
+    huge = np.broadcast_to(np.zeros((), 'f8'), (2**20, 2**20, 2**10))  # 8 PiB, no memory
+    with pytest.raises(ValueError, match=f'the source {huge.nbytes}'):
+        _kernel(huge, np.empty(8, np.uint8))
+    scalar = np.array(3.5, '>f8')
+    assert _kernel_bytes(scalar) == scalar.tobytes()
 
 
 def test_datetimes_gather_and_objects_refuse():
