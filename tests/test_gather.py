@@ -146,6 +146,15 @@ def test_views_with_offsets_and_read_only_buffers(shape, dtype):
         assert b''.join(bytes(b) for b in f_blocks(view)) == _fortran(_little(view))
 
 
+@pytest.mark.parametrize('dtype', ['<f4', '>f8', '<i2', '<c8'])
+def test_unaligned_items(dtype):
+    raw = np.random.default_rng(4).integers(0, 255, 8 * 16 * 40 + 1, 'u1')
+    arr = np.frombuffer(raw.data, dtype, count=8 * 16 * 40 // np.dtype(dtype).itemsize, offset=1)
+    assert not arr.flags.aligned
+    for view in (arr.reshape(-1, 16).T, arr.reshape(-1, 8, 4)[::-1, 1:, ::2], arr[::3]):
+        assert _kernel_bytes(view) == _fortran(view)
+
+
 def test_memory_mapped_arrays(tmp_path):
     path = tmp_path / 'data.bin'
     values = np.random.default_rng(1).random((50, 60, 70), dtype=np.float32)
