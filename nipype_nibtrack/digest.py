@@ -24,14 +24,21 @@ from nibabel.gifti import GiftiImage
 from .fileid import fd_id, path_id
 from .snapshot import ProxySpec, proxy_spec, snapshot
 
+try:
+    from ._gather import gather as _kernel
+except ImportError:  # installed without a C compiler: numpy_gather, several times slower
+    _kernel = None
+
 __all__ = [
     'DIGEST_VERSION',
     'array_digest',
     'data_digest',
     'edited_cache',
     'f_blocks',
+    'gather',
     'held_cache',
     'image_digest',
+    'numpy_gather',
     'proxy_blocks',
     'update_with_array',
 ]
@@ -45,7 +52,7 @@ BLOCK_BYTES = 1 << 22
 #: A slab gathered into Fortran order at once: larger slabs read each cache line of a
 #: C-ordered array fewer times; memory stays bounded by this.
 _GATHER_BYTES = 4 * BLOCK_BYTES
-_TILE_BYTES = 1 << 17  # a tile of a transposing gather: fits in L2
+_TILE_BYTES = 1 << 17  # a tile of numpy's transposing gather: fits in L2
 _TILE_ROWS = 8  # at least this many contiguous elements per inner loop
 # What reading voxel data from a damaged, truncated or vanished file raises
 READ_ERRORS = (OSError, EOFError, ValueError, zlib.error)
@@ -66,9 +73,10 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
     The canonical traversal of every digest: the order in which NIfTI, Analyze and MGH
     store voxels, so that a file is hashed as it is read and an image as it is written.
     An F-contiguous array is cut into views (no copy unless ``copy``: then each block
-    is a snapshot in a reused buffer); any other layout is gathered in slabs along its
-    last axis (at most 16 MiB each). A block is valid until the next one
-    is asked for.
+    is a snapshot in a reused buffer); any other layout is gathered into one reused
+    buffer of at most 16 MiB, a slab along its last axes at a time, by the compiled
+    kernel ``nipype_nibtrack._gather`` (numpy's copies, about ten times slower, when
+    it is not built). A block is valid until the next one is asked for.
 
     Examples
     --------
@@ -80,8 +88,6 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
     arr = np.asanyarray(arr)
     if isinstance(arr, np.ma.MaskedArray) or type(arr) is not np.ndarray:
         arr = np.asarray(arr)
-    if arr.ndim == 1 and not arr.flags.f_contiguous:
-        arr = np.ascontiguousarray(arr)
     if arr.ndim == 0 or arr.flags.f_contiguous:
         flat = _little(arr).reshape(-1, order='F').view(np.uint8)
         step = BLOCK_BYTES - BLOCK_BYTES % max(1, arr.dtype.itemsize)
@@ -93,22 +99,76 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
                 part = buffer[: part.size]
             yield part
         return
-    slab = arr[..., 0].nbytes
-    if slab > _GATHER_BYTES:
-        for j in range(arr.shape[-1]):
-            yield from f_blocks(arr[..., j], copy=copy)
+    buffer = np.empty(max(min(arr.nbytes, _GATHER_BYTES), arr.dtype.itemsize), np.uint8)
+    for part in _slabs(arr, buffer.size):
+        yield _little_block(gather(part, buffer[: part.nbytes]), arr.dtype)
+
+
+def _slabs(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
+    """Views of ``arr`` whose Fortran-ordered bytes follow each other, each <= ``limit``."""
+    if arr.nbytes <= limit:
+        yield arr
         return
-    step = max(1, _GATHER_BYTES // max(1, slab))
-    # Gather each slab in tiles along the first axis: a tile's reads and writes stay in
-    # cache, about three times faster than one transposing copy of the slab.
-    across = max(1, slab // max(1, arr.shape[0]))  # bytes per index of the first axis
-    rows = max(_TILE_ROWS, _TILE_BYTES // (across * step))
-    out = np.empty((min(step, arr.shape[-1]), *arr.shape[-2:0:-1], arr.shape[0]), arr.dtype)
-    for j in range(0, arr.shape[-1], step):
-        part = out[: min(step, arr.shape[-1] - j)]
-        for i in range(0, arr.shape[0], rows):
-            part[..., i : i + rows] = arr[i : i + rows, ..., j : j + step].T
-        yield _little(part).reshape(-1).view(np.uint8)
+    slab = arr[..., 0].nbytes
+    if slab <= limit:
+        step = limit // slab
+        for j in range(0, arr.shape[-1], step):
+            yield arr[..., j : j + step]
+        return
+    for j in range(arr.shape[-1]):
+        yield from _slabs(arr[..., j], limit)
+
+
+def gather(arr: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Copy the bytes of ``arr``'s items in Fortran order into ``out`` (``arr.nbytes``
+    contiguous bytes) and return ``out``; no byte swapping.
+
+    The compiled kernel when it is built (blocked, at memory speed, GIL released),
+    else numpy's copies in tiles that fit in cache: the same bytes either way.
+
+    >>> import numpy as np
+    >>> a = np.arange(6, dtype='>i2').reshape(2, 3)
+    >>> gather(a, np.empty(12, np.uint8)).tobytes() == a.tobytes(order='F')
+    True
+    """
+    if _kernel is not None and not arr.dtype.hasobject:  # pointers are no content
+        try:
+            _kernel(arr, out)
+            return out
+        except (BufferError, TypeError, ValueError):  # a dtype numpy exports no buffer of
+            pass
+    return numpy_gather(arr, out)
+
+
+def numpy_gather(arr: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """:func:`gather` without the compiled kernel: numpy's copies, in tiles.
+
+    A tile's reads and writes stay in cache: about three times faster than one
+    transposing copy, still several times slower than the kernel.
+
+    >>> import numpy as np
+    >>> a = np.arange(6, dtype='f4').reshape(2, 3)[:, ::-1]
+    >>> numpy_gather(a, np.empty(24, np.uint8)).tobytes() == a.tobytes(order='F')
+    True
+    """
+    if arr.size == 0:
+        return out
+    dst = out.view(arr.dtype).reshape(arr.shape[::-1])  # C order of the reversed shape
+    if arr.ndim < 2:
+        dst[...] = arr
+        return out
+    rows = max(_TILE_ROWS, _TILE_BYTES // max(1, arr.nbytes // arr.shape[0]))
+    for i in range(0, arr.shape[0], rows):
+        dst[..., i : i + rows] = arr[i : i + rows].T
+    return out
+
+
+def _little_block(block: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """A gathered block's bytes made little-endian, as :func:`_little` makes them."""
+    typed = block.view(dtype)
+    if dtype.fields is None and dtype.kind in 'biufc' and dtype.byteorder == '>':
+        return typed.byteswap(inplace=True).view(np.uint8)  # a buffer of ours: in place
+    return _little(typed).reshape(-1).view(np.uint8)
 
 
 def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:

@@ -18,6 +18,11 @@ if [ "$mode" = test ]; then
     command -v munged >/dev/null || missing+=(munge)
     command -v slurmdbd >/dev/null || missing+=(slurmdbd)  # accounting, for sacct
     command -v mariadbd >/dev/null || missing+=(mariadb-server)
+    # the optional C kernel (nipype_nibtrack/_gather.c): CI tests it built
+    command -v cc >/dev/null || missing+=(gcc)
+    "${PYTHON:-python3}" -c 'import os, sysconfig, sys
+sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))' \
+        || missing+=(python3-dev)
 fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" -eq 0 ]; then
