@@ -97,13 +97,22 @@ def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | 
     """
     if formats is None:
         return None
-    if isinstance(formats, str):
-        formats = (formats,)
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    try:
+        return _normalised(formats)  # every resolution of a trait asks again
+    except TypeError:  # an unhashable entry: not a name, said by _normalise
+        return _normalise(formats)
+
+
+def _normalise(formats: tuple) -> tuple[str, ...]:
     names = [f.strip() for f in formats]  # ' .nii' from a config file is '.nii'
     out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in names if f)
     if not out:
         raise ValueError('formats must name at least one extension, such as ".nii"')
     return out
+
+
+_normalised = functools.lru_cache(maxsize=256)(_normalise)
 
 
 @functools.lru_cache(maxsize=4096)  # a pure function of the name: asked at every hand-out

@@ -494,7 +494,10 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             reason = cleanliness_rule(img, record)
         after = {path: path_id(path) for path in files}
         if after == before:
+            # not while a mark_clean compares the files' bytes whole (fresh identities):
+            # a remembered verdict re-reads the headers only
             keep = reason is None and memo is not None and record is not None
+            keep = keep and record.file_bytes is None
             if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
                 record.verdict = memo
             return Cleanliness(reason, after)
