@@ -511,7 +511,11 @@ def _memo(img: Any) -> Memo | None:
     if binding is None:
         return None
     main = binding.paths.get(type(img).files_types[0][0])
-    return None if main is None else memo_for(img, binding.paths, kernel_path(main))
+    # only when the path handed out is a path the recheck reads: through a '..' the
+    # kernel's path is another name, which a moved folder can give to another file
+    if main is None or kernel_path(main) != main:
+        return None
+    return memo_for(img, binding.paths, main)
 
 
 def dirty_reason(img: Any) -> str | None:

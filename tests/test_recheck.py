@@ -181,6 +181,30 @@ def test_the_remembered_verdict_holds_no_image_alive_and_dies_with_it(tmp_path):
 # ------------------------------------------------------------------ the files' side
 
 
+def test_the_path_handed_out_is_the_path_checked_after_a_folder_moves(tmp_path):
+    """Loaded through link/..: the kernel's path of that moment names another file later.
+
+    The folder moves with the file (same inode, same ctime) and the link follows it;
+    a new file takes the old folder's place. Remembering the path first handed out
+    would hand out the new file.
+    """
+    root = Path(os.path.realpath(tmp_path))
+    (root / 'real' / 'sub').mkdir(parents=True)
+    path, _ = _write('nii', root / 'real')
+    os.symlink(root / 'real' / 'sub', root / 'link')
+    img = nt.load(str(root / 'link' / '..' / path.name))
+    store = nt.Store(root / 'store')
+    assert nt.as_filename(img, store=store) == str(path)
+    os.rename(root / 'real', root / 'moved')
+    os.remove(root / 'link')
+    os.symlink(root / 'moved' / 'sub', root / 'link')
+    (root / 'real').mkdir()
+    nib.save(nib.Nifti1Image(np.ones((3, 4, 5), np.int16), np.eye(4)), path)
+    out = nt.as_filename(img, store=store)
+    assert out == str(root / 'moved' / path.name)
+    assert_same_content(reload_exact(out), img)
+
+
 @pytest.mark.parametrize('kind', KINDS)
 def test_a_deferred_verdict_is_proved_by_still_holds(kind, tmp_path):
     """``defer_files``: the image is checked, the files only by still_holds()."""
@@ -314,8 +338,8 @@ class _Edits:
         self.img.get_fdata()[1, 1, 1] += 1
         self.changed = True
 
-    def proxy_offset(self) -> None:
-        self.img.dataobj._offset -= 2  # into the header: still readable
+    def proxy_scaling(self) -> None:
+        self.img.dataobj._slope = 2.0 * self.img.dataobj._slope
         self.changed = True
 
     def mark_dirty(self) -> None:
