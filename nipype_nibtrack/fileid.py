@@ -20,6 +20,7 @@ __all__ = ['RACY_NS', 'FileId', 'absolute', 'all_settled', 'fd_id', 'kernel_path
 
 #: How old both timestamps must be before an identity may key a memo (1 s)
 RACY_NS = 1_000_000_000
+_new = tuple.__new__  # a FileId without NamedTuple's Python-level __new__
 
 
 class FileId(NamedTuple):
@@ -41,7 +42,7 @@ class FileId(NamedTuple):
 
     @classmethod
     def from_stat(cls, st: os.stat_result) -> FileId:
-        return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+        return _new(cls, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
     def same_file(self, other: FileId | None) -> bool:
         """True when ``other`` is the same inode on the same device.
@@ -71,9 +72,10 @@ def path_id(path: str | os.PathLike) -> FileId | None:
     True
     """
     try:
-        return FileId.from_stat(os.stat(path))
+        st = os.stat(path)
     except (FileNotFoundError, NotADirectoryError):
         return None
+    return _new(FileId, (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
 
 
 def fd_id(fd: int) -> FileId:

@@ -129,8 +129,7 @@ def record_of(img: Any) -> Record | None:
     >>> record_of(nib.load(path)) is None, record_of(load(path)).origin
     (True, 'load')
     """
-    with _lock:
-        entry = _records.get(id(img))
+    entry = _records.get(id(img))  # one dict lookup is atomic: writers alone take the lock
     if entry is None or entry[0]() is not img:
         return None
     return entry[1]

@@ -22,7 +22,10 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import attrgetter
+from types import MappingProxyType
 from typing import Any
 
 import numpy as np
@@ -31,12 +34,13 @@ from nibabel.arrayproxy import ArrayProxy
 
 from .fileid import FileId
 
-__all__ = ['Memo', 'image_key', 'memo_for', 'still_clean']
+__all__ = ['Memo', 'files_unchanged', 'image_key', 'memo_for', 'still_clean']
 
 _GZIP = ('.gz',)
 _NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place, type
 _MAX_REGION = 1 << 24
 _OPEN_FLAGS = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
+_open, _fstat, _pread, _close = os.open, os.fstat, os.pread, os.close
 
 
 @dataclass(frozen=True)
@@ -46,7 +50,7 @@ class Memo:
     image: tuple
     files: tuple  # ((path, FileId, number of bytes re-read, those bytes), ...)
     handed: str  # the path handed out for the image's own file
-    ids: dict  # {path: FileId}, as a verdict gives them
+    ids: Mapping  # {path: FileId}, read-only: every verdict it gives shares it
 
     def files_paths(self) -> tuple[str, ...]:
         return tuple(path for path, *_ in self.files)
@@ -54,6 +58,11 @@ class Memo:
 
 def image_key(img: Any) -> tuple | None:
     """The image's side of a verdict, or None when the image is not a simple case.
+
+    Everything a default load of the file decides and an edit can change: the header's
+    class, dtype and bytes, the affine, the dtype alias, the data object (identity and
+    every read parameter) and the file map's names. Built from C-level accessors in
+    about a microsecond: it is taken again at every recheck.
 
     >>> import numpy as np, nibabel as nib
     >>> image_key(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None  # no proxy
@@ -73,21 +82,31 @@ def image_key(img: Any) -> tuple | None:
     if getattr(header, 'extensions', None):
         return None
     affine = img._affine
+    if affine is None:
+        return None
+    structarr = header._structarr
+    file_map = img.file_map
     return (
         type(img),
-        header._structarr.tobytes(),  # what binaryblock returns, without the checks
-        None if affine is None else (affine.dtype, affine.shape, affine.tobytes()),
+        type(header),
+        structarr.dtype,  # the byte order and layout the bytes are read with
+        structarr.tobytes(),  # what binaryblock returns, without the checks
+        affine.dtype,
+        affine.shape,
+        affine.tobytes(),
         getattr(img, '_dtype_alias', None),
         dataobj,
-        file_like,
-        dataobj._shape,
-        dataobj._dtype,
-        dataobj._offset,
-        dataobj._slope,
-        dataobj._inter,
-        dataobj.order,
-        tuple([(key, holder.filename, holder.fileobj) for key, holder in img.file_map.items()]),
+        _read_parameters(dataobj),
+        tuple(file_map),
+        tuple(map(_holder_names, file_map.values())),
     )
+
+
+#: Everything an ArrayProxy reads its values with (C-level: no Python frame)
+_read_parameters = attrgetter(
+    'file_like', '_shape', '_dtype', '_offset', '_slope', '_inter', 'order'
+)
+_holder_names = attrgetter('filename', 'fileobj')
 
 
 def _header_length(head: bytes) -> int | None:
@@ -136,21 +155,24 @@ def _region(path: str, key: str, img: Any) -> int | None:
 
 
 def _read(path: str, length: int) -> tuple[Any, bytes]:
-    """Identity of the file opened at ``path`` (None: missing) and its first bytes."""
+    """Identity of the file opened at ``path`` (None: missing) and its first bytes.
+
+    The identity is the opened file's (``fstat``), so the bytes belong to it.
+    """
     try:
-        fd = os.open(path, _OPEN_FLAGS)
+        fd = _open(path, _OPEN_FLAGS)
     except FileNotFoundError:
         return None, b''
     except OSError:
         return 'unreadable', b''
     try:
-        st = os.fstat(fd)
+        st = _fstat(fd)
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if length == 0:
             return ident, b''
-        return ident, os.pread(fd, st.st_size if length < 0 else length, 0)
+        return ident, _pread(fd, st.st_size if length < 0 else length, 0)
     finally:
-        os.close(fd)
+        _close(fd)
 
 
 def memo_for(img: Any, paths: dict[str, str], handed: str) -> Memo | None:
@@ -168,14 +190,42 @@ def memo_for(img: Any, paths: dict[str, str], handed: str) -> Memo | None:
             return None
         files.append((path, ident, length, data))
     ids = {path: None if i is None else FileId(*i) for path, i, _, _ in files}
-    return Memo(key, tuple(files), handed, ids)
+    return Memo(key, tuple(files), handed, MappingProxyType(ids))
 
 
-def still_clean(img: Any, memo: Memo) -> dict[str, FileId] | None:
-    """The files' identities when ``memo`` still holds for ``img``, else None."""
-    if image_key(img) != memo.image:
+def still_clean(img: Any, memo: Memo) -> Mapping[str, FileId] | None:
+    """The files' identities when ``memo`` still holds for ``img``, else None.
+
+    The image is compared first and the files last (:func:`files_unchanged`), so the
+    identities returned are the files' at the end of the check.
+    """
+    if image_key(img) != memo.image or not files_unchanged(memo):
         return None
+    return memo.ids
+
+
+def files_unchanged(memo: Memo) -> bool:
+    """True when every file still has the identity and header bytes ``memo`` rests on.
+
+    One ``open``, ``fstat`` and ``pread`` per file (inline rather than through
+    :func:`_read`: this is the clean path's floor). The identity is the opened file's,
+    so the bytes compared belong to it.
+    """
     for path, ident, length, data in memo.files:
-        if _read(path, length) != (ident, data):
-            return None
-    return dict(memo.ids)  # the caller's own
+        try:
+            fd = _open(path, _OPEN_FLAGS)
+        except FileNotFoundError:
+            if ident is None:
+                continue
+            return False
+        except OSError:
+            return False
+        try:
+            st = _fstat(fd)
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != ident:
+                return False
+            if length and _pread(fd, st.st_size if length < 0 else length, 0) != data:
+                return False
+        finally:
+            _close(fd)
+    return True

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import re
@@ -97,8 +98,14 @@ def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | 
     """
     if formats is None:
         return None
-    if isinstance(formats, str):
-        formats = (formats,)
+    formats = (formats,) if isinstance(formats, str) else tuple(formats)
+    try:
+        return _normalised(formats)  # every resolution of a trait asks again
+    except TypeError:  # an unhashable entry: not a name, said by _normalise
+        return _normalise(formats)
+
+
+def _normalise(formats: tuple) -> tuple[str, ...]:
     names = [f.strip() for f in formats]  # ' .nii' from a config file is '.nii'
     out = tuple(('' if f.startswith('.') else '.') + f.lower() for f in names if f)
     if not out:
@@ -106,6 +113,10 @@ def normalise_formats(formats: Iterable[str] | str | None) -> tuple[str, ...] | 
     return out
 
 
+_normalised = functools.lru_cache(maxsize=256)(_normalise)
+
+
+@functools.lru_cache(maxsize=4096)  # a pure function of the name: asked at every hand-out
 def _extension(path: str) -> str:
     _, ext, addext = splitext_addext(path)
     return (ext + addext).lower()
@@ -289,20 +300,34 @@ def _refuse_unknown_voxels(img: Any, reason: str) -> None:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _original(path: str) -> Resolution:
+    """The resolution of a clean image handed over as ``path`` (immutable, so shared)."""
+    return Resolution(path, 'original')
+
+
 def _identities(files: tuple[str, ...]) -> dict:
     return {path: path_id(path) for path in files}
 
 
 def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | None) -> Resolution:
-    verdict = cleanliness(img)
+    # A remembered clean verdict comes with its files unchecked: still_holds() reads
+    # their identities and header bytes once, just before the hand-out, instead of the
+    # check reading them and a stat per file following
+    verdict = cleanliness(img, defer_files=True)
+    if verdict.pending is not None:
+        own = verdict.handed
+        if (accepted is None or _accepted(own, accepted)) and verdict.still_holds():
+            return _original(own)
+        verdict = cleanliness(img)  # the memo no longer holds, or another format is asked
     reason = verdict.reason
     if reason is None:
         own = verdict.handed or kernel_path(main_path(img))
-        if _accepted(own, accepted):
+        if accepted is None or _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
             if not verdict.still_holds():
                 raise _SourceChanged
-            return Resolution(own, 'original')
+            return _original(own)
         reason = f'format {_extension(own)} is not among the accepted {list(accepted)}'
     _refuse_unknown_voxels(img, reason)
     files = source_files(img)
@@ -430,7 +455,8 @@ def resolve(
     >>> again.action, again.reason, os.path.basename(again.path)
     ('reused', 'image has no file', 'image.nii')
     """
-    if isinstance(value, (str, os.PathLike)):
+    # an image first: isinstance against the os.PathLike ABC costs a clean resolution 5%
+    if not isinstance(value, FileBasedImage) and isinstance(value, (str, os.PathLike)):
         return Resolution(_existing_file(value), 'path')
     _check_image(value)
     accepted = normalise_formats(formats)

@@ -13,6 +13,8 @@ identity.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any, NamedTuple
@@ -42,7 +44,7 @@ from .provenance import (
     record_of,
     source_files,
 )
-from .recheck import Memo, image_key, memo_for, still_clean
+from .recheck import Memo, files_unchanged, image_key, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
 __all__ = [
@@ -386,6 +388,8 @@ def _held_file_replaced(current: Snapshot) -> str | None:
 for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti2Image):
     cleanliness_rule.register(_klass, _compare_against_file)
 
+_new = tuple.__new__  # a verdict without NamedTuple's Python-level __new__ (the recheck path)
+
 
 class Cleanliness(NamedTuple):  # a tuple: built in a fraction of a frozen dataclass's time
     """A cleanliness verdict and the identities of the files it was reached with.
@@ -395,11 +399,16 @@ class Cleanliness(NamedTuple):  # a tuple: built in a fraction of a frozen datac
     """
 
     reason: str | None
-    ids: dict[str, FileId | None]
+    ids: Mapping[str, FileId | None]
     handed: str | None = None  # the path to hand out for a clean image, when known
+    pending: Memo | None = None  # a remembered verdict whose files still_holds() checks
 
     def still_holds(self) -> bool:
         """True when none of the files changed since the check: one ``stat`` per file.
+
+        A verdict given with ``defer_files`` (see :func:`cleanliness`) has not looked
+        at its files yet: this checks them as the check would have, their identities
+        and the bytes holding their headers (one ``open``, ``fstat`` and ``pread`` each).
 
         Examples
         --------
@@ -413,10 +422,21 @@ class Cleanliness(NamedTuple):  # a tuple: built in a fraction of a frozen datac
         >>> verdict.still_holds()
         False
         """
-        return all(path_id(path) == ident for path, ident in self.ids.items())
+        if self.pending is not None:
+            return files_unchanged(self.pending)
+        for path, ident in self.ids.items():  # inline: this is the hand-out's one stat
+            try:
+                st = os.stat(path)
+            except (FileNotFoundError, NotADirectoryError):
+                if ident is not None:
+                    return False
+                continue
+            if (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) != ident:
+                return False
+        return True
 
 
-def cleanliness(img: Any) -> Cleanliness:
+def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
     """Check ``img`` against its file(s) and say which file identities the verdict holds for.
 
     A file that changes while it is checked is checked again, so the verdict always
@@ -426,6 +446,13 @@ def cleanliness(img: Any) -> Cleanliness:
     Parameters
     ----------
     img : nibabel image
+    defer_files : bool
+        For a caller that calls :meth:`~Cleanliness.still_holds` before it uses a clean
+        verdict (:func:`~nipype_nibtrack.resolve.resolve` does, just before it hands
+        the path out). A remembered clean verdict is then given after checking the
+        image alone, with ``pending`` set: its files are checked by ``still_holds``,
+        once, instead of by the check and again by a ``stat``. A clean verdict with
+        ``pending`` set means nothing until ``still_holds()`` returned True.
 
     Returns
     -------
@@ -448,9 +475,14 @@ def cleanliness(img: Any) -> Cleanliness:
     record = record_of(img)
     simple = cleanliness_rule.dispatch(type(img)) is _compare_against_file
     if simple and record is not None and not record.forced_dirty and record.verdict is not None:
-        ids = still_clean(img, record.verdict)
-        if ids is not None:  # nothing it rested on moved: a few system calls
-            return Cleanliness(None, ids, record.verdict.handed)
+        memo = record.verdict
+        if defer_files:
+            if image_key(img) == memo.image:  # the image's side; still_holds, the files'
+                return _new(Cleanliness, (None, memo.ids, memo.handed, memo))
+        else:
+            ids = still_clean(img, memo)
+            if ids is not None:  # nothing it rested on moved: a few system calls
+                return _new(Cleanliness, (None, ids, memo.handed, None))
     files = source_files(img)
     for _ in range(3):
         memo = _memo(img) if simple else None  # read before the check, compared after
@@ -462,7 +494,10 @@ def cleanliness(img: Any) -> Cleanliness:
             reason = cleanliness_rule(img, record)
         after = {path: path_id(path) for path in files}
         if after == before:
+            # not while a mark_clean compares the files' bytes whole (fresh identities):
+            # a remembered verdict re-reads the headers only
             keep = reason is None and memo is not None and record is not None
+            keep = keep and record.file_bytes is None
             if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
                 record.verdict = memo
             return Cleanliness(reason, after)
@@ -476,7 +511,11 @@ def _memo(img: Any) -> Memo | None:
     if binding is None:
         return None
     main = binding.paths.get(type(img).files_types[0][0])
-    return None if main is None else memo_for(img, binding.paths, kernel_path(main))
+    # only when the path handed out is a path the recheck reads: through a '..' the
+    # kernel's path is another name, which a moved folder can give to another file
+    if main is None or kernel_path(main) != main:
+        return None
+    return memo_for(img, binding.paths, main)
 
 
 def dirty_reason(img: Any) -> str | None:

@@ -675,8 +675,8 @@ def _mutate_after_check(mutate: Callable[[], None]) -> Any:
     real = resolve_mod.cleanliness
     done = [False]
 
-    def check_then_mutate(img: Any) -> Any:
-        verdict = real(img)
+    def check_then_mutate(img: Any, **options: Any) -> Any:
+        verdict = real(img, **options)  # defer_files: the files are checked at hand-out
         if not done[0]:
             done[0] = True
             mutate()
