@@ -9,6 +9,8 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import io
 import os
 import threading
@@ -32,6 +34,9 @@ from nibabel.volumeutils import apply_read_scaling, seek_tell
 
 from .digest import (
     _hasher as _data_hasher,
+)
+from .digest import (
+    _seed as _data_seed,
 )
 from .digest import (
     data_source,
@@ -611,13 +616,24 @@ def _empty_slicer(dataobj: Any) -> tuple:
     return tuple(slice(0, 0) for _ in dataobj.shape)
 
 
-def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
-    """Copy each block once, hash that copy, write it: what is hashed is what is written."""
+def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
+    """Copy each block once, hash that copy, write it: what is hashed is what is written.
+
+    When the file gets the very bytes hashed (same dtype, little-endian, no scaling) the
+    data digest's hasher is also the file's hash of that part (see :class:`_HashingFile`):
+    the voxels are hashed once, for the store key and for the manifest.
+    """
     out_dtype = p.out.header.get_data_dtype()
     src = _le(p.src)
     same = _le(out_dtype) == src and p.scaled is None
+    adopted = same and out_dtype == src and isinstance(fileobj, _HashingFile)
+    if adopted:
+        fileobj.adopt(seed, hasher)
     for block in _value_blocks(p.values, None, p.raw, copy=True):
         hasher.update(block)
+        if adopted:  # the bytes of the copy just hashed
+            fileobj.write_hashed(block)
+            continue
         values = block.view(src)
         if p.scaled is not None:
             values = _apply_scaling(p.scaled, values)
@@ -631,52 +647,134 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
             if not p.cast and not _survives(values, out_dtype):
                 raise ContentChanged('a value changed and no longer survives the dtype')
         fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
+    if adopted:
+        fileobj.resume()
 
 
 @dataclass(frozen=True)
 class Written:
-    """What :func:`write_plan` wrote: the content digest, and the xxh3-128 of the bytes of
-    each uncompressed file (by name), hashed as they were written."""
+    """What :func:`write_plan` wrote: the content digest, and the hash of the bytes of each
+    uncompressed file (by name), hashed as they were written.
+
+    A file's hash is the xxh3-128 hex of its bytes, or a list of ``(start, seed, hex)``
+    parts: the bytes from ``start`` to the next part's start (or the end of the file),
+    hashed after the bytes ``seed`` (see :func:`~nipype_nibtrack.store.Store.put`).
+    """
 
     digest: str
     files: dict
 
 
 class _HashingFile:
-    """A write-only file wrapper that hashes the bytes as they go to the file.
+    """A write-only file wrapper that hashes the bytes as they go to the file, by parts.
 
-    A forward seek counts as the zeros the file will hold; a backward seek makes the
-    hash unusable (``valid`` False), never wrong.
+    A part adopted by the caller (:meth:`adopt`) is hashed by the caller's own hasher,
+    which has seen ``seed`` first: the voxels, hashed once for the data digest. A
+    forward seek counts as the zeros the file will hold; a backward seek, or any seek
+    within an adopted part, makes the hash unusable (``valid`` False), never wrong.
     """
 
     def __init__(self, fileobj: Any):
         self._f = fileobj
         self._pos = 0
-        self.hasher = xxhash.xxh3_128()
+        self._parts: list[tuple[int, bytes, Any]] = []
+        self._own = True
         self.valid = True
+        self.resume()
+
+    def adopt(self, seed: bytes, hasher: Any) -> None:
+        """From here, the caller hashes what it writes (with :meth:`write_hashed`)."""
+        self._parts.append((self._pos, seed, hasher))
+        self._own = False
+
+    def resume(self) -> None:
+        """From here, the bytes written are hashed here again."""
+        self._parts.append((self._pos, b'', xxhash.xxh3_128()))
+        self._own = True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast('B')
-        self.hasher.update(view)
+        if self._own:
+            self._parts[-1][2].update(view)
+        else:
+            self.valid = False  # bytes the caller did not hash, in its part
+        return self.write_hashed(view)
+
+    def write_hashed(self, data: Any) -> int:
+        view = memoryview(data).cast('B')
         self._pos += view.nbytes
         self._f.write(view)
         return view.nbytes
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if whence != 0:
+        if whence != 0 or offset < self._pos or (offset > self._pos and not self._own):
             self.valid = False
         elif offset > self._pos:
-            self.hasher.update(bytes(offset - self._pos))
-        elif offset < self._pos:
-            self.valid = False
+            self._parts[-1][2].update(bytes(offset - self._pos))
         self._pos = offset if whence == 0 else self._pos
         return self._f.seek(offset, whence)
 
     def tell(self) -> int:
         return self._f.tell()
 
+    def preallocate(self, nbytes: int) -> None:
+        """Reserve the file's next ``nbytes`` on disk before writing them (see
+        :func:`_preallocate`)."""
+        with contextlib.suppress(AttributeError, io.UnsupportedOperation):
+            _preallocate(self._f.fileno(), self._pos, nbytes)
+
+    def digest(self) -> str | list[tuple[int, str, str]]:
+        """The hex of the whole file, or its parts (empty ones left out)."""
+        ends = [start for start, _, _ in self._parts[1:]] + [self._pos]
+        parts = [
+            (start, seed.hex(), hasher.hexdigest())
+            for (start, seed, hasher), end in zip(self._parts, ends, strict=True)
+            if end > start
+        ]
+        if not parts:
+            return self._parts[0][2].hexdigest()
+        if len(parts) == 1 and not parts[0][1]:
+            return parts[0][2]
+        return parts
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
+
+
+def _fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError):  # not glibc/musl (macOS): no fallocate
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _fallocate()
+_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve blocks, leave the size to the writes
+_NO_PREALLOCATION = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EBADF}
+)
+
+
+def _preallocate(fd: int, offset: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` of ``fd`` from ``offset`` on disk, in one call.
+
+    ext4 (and XFS) otherwise reserve blocks page by page as the write fills the page
+    cache: a third of the time of writing 64 MiB here. The file's size and bytes are
+    unchanged (``FALLOC_FL_KEEP_SIZE``). ``fallocate(2)``, not ``os.posix_fallocate``:
+    glibc emulates that one on file systems without it by writing every block.
+    A file system that cannot preallocate is written as before; no space left is
+    raised now, before anything is written.
+    """
+    if _FALLOCATE is None or nbytes <= 0:
+        return
+    if _FALLOCATE(fd, _KEEP_SIZE, offset, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err not in _NO_PREALLOCATION:
+            raise OSError(err, os.strerror(err))
 
 
 def write_plan(p: Plan, path: str | os.PathLike) -> Written:
@@ -690,6 +788,8 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
     out = p.out
     path = os.fspath(path)
     hasher = _data_hasher(p.src, out.shape)
+    seed = _data_seed(p.src, out.shape)
+    nbytes = int(np.prod(out.shape, dtype=np.int64)) * out.header.get_data_dtype().itemsize
     file_map = out.filespec_to_file_map(path)
     opened: dict[str, Any] = {}
 
@@ -700,13 +800,18 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
         wrapped = opened[os.path.basename(holder.filename)] = _HashingFile(fileobj)
         return wrapped
 
+    def voxels(fileobj: Any, offset: int) -> None:
+        seek_tell(fileobj, offset, write0=True)
+        if isinstance(fileobj, _HashingFile):
+            fileobj.preallocate(nbytes)
+        _write_voxels(p, fileobj, hasher, seed)
+
     if isinstance(out, MGHImage):
         hdr = out.header
         mghf = hashing(file_map['image'])
         try:
             hdr.writehdr_to(mghf)
-            seek_tell(mghf, hdr.get_data_offset(), write0=True)
-            _write_voxels(p, mghf, hasher)
+            voxels(mghf, hdr.get_data_offset())
             hdr.writeftr_to(mghf)
         finally:
             mghf.close_if_mine()
@@ -718,13 +823,12 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
         imgf = hdrf if same else hashing(img_fh)
         try:
             hdr.write_to(hdrf)
-            seek_tell(imgf, hdr.get_data_offset(), write0=True)
-            _write_voxels(p, imgf, hasher)
+            voxels(imgf, hdr.get_data_offset())
         finally:
             hdrf.close_if_mine()
             if not same:
                 imgf.close_if_mine()
-    files = {name: f.hasher.hexdigest() for name, f in opened.items() if f.valid}
+    files = {name: f.digest() for name, f in opened.items() if f.valid}
     return Written(finish_digest(p.meta, p.tag, hasher.hexdigest()), files)
 
 
