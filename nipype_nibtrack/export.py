@@ -15,6 +15,7 @@ import io
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any
@@ -567,6 +568,14 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
             f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
             'a compressed file loads with the wrong shape); .nii holds it',
         )
+    shape = tuple(int(n) for n in img.shape)
+    if tuple(out.shape) != shape:  # MGH stores at least 3 dimensions
+        raise _refuse(
+            img,
+            target,
+            f'a reader of {target.ext} would get the shape {tuple(out.shape)} instead of '
+            f'{shape}; NIfTI (.nii, .nii.gz, .hdr/.img) holds it',
+        )
     if isinstance(out, MGHImage):
         want = _zooms(img.header)
         unit = time_unit(img.header)
@@ -626,14 +635,13 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
     out_dtype = p.out.header.get_data_dtype()
     src = _le(p.src)
     same = _le(out_dtype) == src and p.scaled is None
-    adopted = same and out_dtype == src and isinstance(fileobj, _HashingFile)
-    if adopted:
+    if same and out_dtype == src and isinstance(fileobj, _HashingFile):
         fileobj.adopt(seed, hasher)
+        _write_verbatim(_value_blocks(p.values, None, p.raw), fileobj, hasher)
+        fileobj.resume()
+        return
     for block in _value_blocks(p.values, None, p.raw, copy=True):
         hasher.update(block)
-        if adopted:  # the bytes of the copy just hashed
-            fileobj.write_hashed(block)
-            continue
         values = block.view(src)
         if p.scaled is not None:
             values = _apply_scaling(p.scaled, values)
@@ -647,8 +655,46 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
             if not p.cast and not _survives(values, out_dtype):
                 raise ContentChanged('a value changed and no longer survives the dtype')
         fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
-    if adopted:
-        fileobj.resume()
+
+
+def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
+    """Copy each block, hash the copy and write it, while the next block is copied.
+
+    The copy is what makes the bytes hashed the bytes written (another thread may edit
+    the array meanwhile). Two buffers take turns: a second thread writes one (the
+    kernel copying it into the page cache, most of the cost) while this one fills and
+    hashes the other. Both release the GIL. A single block is written in this thread.
+    """
+    buffers: list[np.ndarray | None] = [None, None]
+    pending: list[Any] = [None, None]
+    writer = None
+    first = None
+    try:
+        for i, block in enumerate(blocks):
+            turn = i % 2
+            if pending[turn] is not None:
+                pending[turn].result()  # its buffer is written: reuse it
+            buffer = buffers[turn]
+            if buffer is None or buffer.size < block.size:
+                buffer = buffers[turn] = np.empty(block.size, np.uint8)
+            copy = buffer[: block.size]
+            np.copyto(copy, block)
+            hasher.update(copy)
+            if i == 0:
+                first = copy  # written once a second block shows the thread is worth it
+                continue
+            if writer is None:
+                writer = ThreadPoolExecutor(1, thread_name_prefix='nibtrack-write')
+                pending[0] = writer.submit(fileobj.write_hashed, first)
+            pending[turn] = writer.submit(fileobj.write_hashed, copy)
+        if writer is None and first is not None:
+            fileobj.write_hashed(first)
+        for done in pending:
+            if done is not None:
+                done.result()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # never close the file under a write
 
 
 @dataclass(frozen=True)
