@@ -661,28 +661,34 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
 
 
 def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
-    """Copy each block, hash the copy and write it, while the next block is copied.
+    """Copy each block, hash the copy and write it.
 
     The copy is what makes the bytes hashed the bytes written (another thread may edit
-    the array meanwhile). Two buffers take turns: a second thread writes one (the
-    kernel copying it into the page cache, most of the cost) while this one fills and
-    hashes the other. Both release the GIL. A single block is written in this thread.
+    the array meanwhile). When a core is free, two buffers take turns: a second thread
+    writes one (the kernel copying it into the page cache, most of the cost) while this
+    one fills and hashes the other (both release the GIL). On a busy machine each
+    hand-over would wait for the scheduler: one buffer, one thread.
     """
     buffers: list[np.ndarray | None] = [None, None]
     pending: list[Any] = [None, None]
     writer = None
     first = None
+    parallel = _spare_core()
     try:
         for i, block in enumerate(blocks):
-            turn = i % 2
+            turn = i % 2 if parallel else 0
             if pending[turn] is not None:
                 pending[turn].result()  # its buffer is written: reuse it
             buffer = buffers[turn]
             if buffer is None or buffer.size < block.size:
+                _buffers.give(buffer)
                 buffer = buffers[turn] = _buffers.take(block.size)
             copy = buffer[: block.size]
             np.copyto(copy, block)
             hasher.update(copy)
+            if not parallel:
+                fileobj.write_hashed(copy)
+                continue
             if i == 0:
                 first = copy  # written once a second block shows the thread is worth it
                 continue
@@ -700,6 +706,20 @@ def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
             writer.shutdown(wait=True)  # never close the file under a write
         for buffer in buffers:
             _buffers.give(buffer)
+
+
+def _spare_core() -> bool:
+    """True when this process may use two cores and one is idle (by the load average).
+
+    >>> isinstance(_spare_core(), bool)
+    True
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # no affinity (macOS) or no load average
+        cores, load = os.cpu_count() or 1, 0.0
+    return cores >= 2 and load <= cores - 1
 
 
 class _BufferPool:

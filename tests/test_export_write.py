@@ -24,6 +24,7 @@ from hypothesis.extra import numpy as hnp
 
 import nipype_nibtrack as nt
 from nipype_nibtrack import digest as digest_mod
+from nipype_nibtrack import export as export_mod
 from nipype_nibtrack.export import _HashingFile, choose_target
 from nipype_nibtrack.store import Store, StoreError
 
@@ -81,9 +82,11 @@ def _claims_hold(entry: Path) -> None:
         assert claims, f'{name} has no hash in its manifest'
 
 
-@pytest.fixture
-def tiny_blocks(monkeypatch):
+@pytest.fixture(params=[True, False], ids=['two threads', 'one thread'])
+def tiny_blocks(request, monkeypatch):
     monkeypatch.setattr(digest_mod, 'BLOCK_BYTES', 96)
+    monkeypatch.setattr(export_mod, '_spare_core', lambda: request.param)
+    return request.param
 
 
 @settings(deadline=None, max_examples=80)
@@ -93,10 +96,11 @@ def tiny_blocks(monkeypatch):
     layout=st.sampled_from(['C', 'F', 'strided']),
     ext=st.sampled_from(_EXTS),
     block=st.sampled_from([16, 96, 1 << 22]),
+    parallel=st.booleans(),
     seed=st.integers(0, 2**16),
 )
 def test_written_files_are_nib_save_bytes_and_match_key_and_manifest(
-    tmp_path_factory, dtype, shape, layout, ext, block, seed
+    tmp_path_factory, dtype, shape, layout, ext, block, parallel, seed
 ):
     """Any dtype, shape, layout and format: the file is what nib.save writes for the
     same content, its key is the image's digest, its manifest hashes its bytes."""
@@ -107,6 +111,7 @@ def test_written_files_are_nib_save_bytes_and_match_key_and_manifest(
     img = nib.Nifti1Image(data, np.diag([2.0, 3.0, 4.0, 1.0]), dtype=data.dtype)
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(digest_mod, 'BLOCK_BYTES', block)
+        mp.setattr(export_mod, '_spare_core', lambda: parallel)
         try:
             path = Path(nt.as_filename(img, formats=[ext], store=Store(tmp / 'store')))
         except ValueError:  # MGH holds no int64, complex or more than 4 dimensions
@@ -138,9 +143,9 @@ def test_uncompressed_voxels_are_hashed_once_by_parts(ext, tmp_path, tiny_blocks
     _claims_hold(path.parent)
 
 
-def test_a_failing_write_in_the_writer_thread_stores_nothing(tmp_path, tiny_blocks, monkeypatch):
-    """No space left, raised by the thread writing the third block: a StoreError, no
-    entry, nothing left in tmp/; the next try writes the entry whole."""
+def test_a_failing_write_stores_nothing(tmp_path, tiny_blocks, monkeypatch):
+    """No space left, raised writing the third block (by the writer thread, or by this
+    one): a StoreError, no entry, nothing left in tmp/; the next try writes it whole."""
     real = _HashingFile.write_hashed
     calls = []
 
