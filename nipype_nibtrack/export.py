@@ -341,6 +341,9 @@ def plan(img: Any, target: Target) -> Plan:
     ------
     ValueError
         ``target`` cannot hold the image exactly; the message says why.
+    ContentChanged
+        The header or affine changed while the write was planned (a refusal made then
+        may be about an affine half edited by another thread: it is not trusted).
 
     Examples
     --------
@@ -358,6 +361,16 @@ def plan(img: Any, target: Target) -> Plan:
     ):
         raise _refuse(img, target, f'nibabel cannot convert it to a {klass.__name__}')
     snap = snapshot(img) if klass is not GiftiImage else None
+    try:
+        return _plan(img, target, snap)
+    except _Refused:
+        if snap is not None and snapshot(img) != snap:
+            raise ContentChanged('the header or affine changed while planned') from None
+        raise
+
+
+def _plan(img: Any, target: Target, snap: Any) -> Plan:
+    klass = target.klass
     meta = meta_digest(img, snap) if snap is not None else None
     if klass in (GiftiImage, Cifti2Image):
         if target.ext not in klass.valid_exts:

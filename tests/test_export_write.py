@@ -29,6 +29,7 @@ from nipype_nibtrack.export import _HashingFile, choose_target
 from nipype_nibtrack.store import Store, StoreError
 
 store_mod = importlib.import_module('nipype_nibtrack.store')
+resolve_mod = importlib.import_module('nipype_nibtrack.resolve')
 
 _EXTS = ['.nii', '.nii.gz', '.img', '.mgh', '.mgz']
 _DTYPES = ['u1', 'i2', '<i4', '>i2', 'f4', '>f4', 'f8', 'c8', 'i8']
@@ -226,3 +227,30 @@ def test_mgh_refuses_images_of_fewer_than_three_dimensions(shape, tmp_path):
     with pytest.raises(ValueError, match=r'would get the shape \(.*\) instead of'):
         nt.as_filename(img, formats=['.mgh', '.mgz'], store=Store(tmp_path))
     assert nt.as_filename(img, formats=['.mgh', '.nii'], store=Store(tmp_path)).endswith('.nii')
+
+
+def test_a_refusal_made_while_the_affine_was_edited_is_retried(tmp_path, monkeypatch):
+    """Another thread editing the affine while a write is planned can make every target
+    look unable to hold it (a header made from one affine, compared with the next):
+    that is a change, planned again, never "cannot write this image exactly"."""
+    img = nib.Nifti1Image(np.zeros((4, 4, 4), 'f4'), np.eye(4))
+    real_holds, real_choose = export_mod._affine_holds, resolve_mod.choose_plan
+    rounds = []
+
+    def edited_meanwhile(reads, affine, klass):
+        if len(rounds) == 1:  # the first planning: an edit lands in each target's check
+            img.affine[0, 3] += 1.0
+            return False
+        return real_holds(reads, affine, klass)
+
+    def counting(*args):
+        rounds.append(1)
+        return real_choose(*args)
+
+    monkeypatch.setattr(export_mod, '_affine_holds', edited_meanwhile)
+    monkeypatch.setattr(resolve_mod, 'choose_plan', counting)
+    path = Path(nt.as_filename(img, store=Store(tmp_path)))
+    assert len(rounds) == 2 and path.parent.name == nt.image_digest(img)
+    written = nib.load(path)
+    assert written.affine[0, 3] == img.affine[0, 3] == 1.0
+    assert type(written) is nib.Nifti1Image
