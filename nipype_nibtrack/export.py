@@ -722,17 +722,29 @@ def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
 
 
 def _spare_core() -> bool:
-    """True when this process may use two cores and one is idle (by the load average).
+    """True when this process may use two cores and one is idle now.
+
+    Linux counts the threads running or ready to run, this one included, in
+    ``/proc/loadavg``; elsewhere the load average of the last minute stands in.
 
     >>> isinstance(_spare_core(), bool)
     True
     """
     try:
         cores = len(os.sched_getaffinity(0))
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):  # no affinity (macOS) or no load average
-        cores, load = os.cpu_count() or 1, 0.0
-    return cores >= 2 and load <= cores - 1
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return False
+    try:
+        with open('/proc/loadavg', 'rb') as f:
+            running = int(f.read().split()[3].split(b'/')[0])
+    except (OSError, ValueError, IndexError):
+        try:
+            running = max(1, round(os.getloadavg()[0]))  # this process among them
+        except OSError:
+            return False
+    return running <= cores - 1  # this thread, and a core for the writer
 
 
 class _BufferPool:
