@@ -653,7 +653,7 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
     same = _le(out_dtype) == src and p.scaled is None
     if same and out_dtype == src and isinstance(fileobj, _HashingFile):
         fileobj.adopt(seed, hasher)
-        _write_verbatim(_value_blocks(p.values, None, p.raw), fileobj, hasher)
+        _write_verbatim(_value_blocks(p.values, None, p.raw), fileobj, hasher, p.values)
         fileobj.resume()
         return
     for block in _value_blocks(p.values, None, p.raw, copy=True):
@@ -673,14 +673,15 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
         fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
 
 
-def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
+def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any, values: Any) -> None:
     """Copy each block, hash the copy and write it.
 
     The copy is what makes the bytes hashed the bytes written (another thread may edit
     the array meanwhile). When a core is free, two buffers take turns: a second thread
     writes one (the kernel copying it into the page cache, most of the cost) while this
     one fills and hashes the other (both release the GIL). On a busy machine each
-    hand-over would wait for the scheduler: one buffer, one thread.
+    hand-over would wait for the scheduler: one thread, and a block that is already a
+    private copy (gathered from a C-ordered array, read from a file) is not copied again.
     """
     buffers: list[np.ndarray | None] = [None, None]
     pending: list[Any] = [None, None]
@@ -692,6 +693,10 @@ def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
             turn = i % 2 if parallel else 0
             if pending[turn] is not None:
                 pending[turn].result()  # its buffer is written: reuse it
+            if not parallel and _private(block, values):
+                hasher.update(block)
+                fileobj.write_hashed(block)
+                continue
             buffer = buffers[turn]
             if buffer is None or buffer.size < block.size:
                 _buffers.give(buffer)
@@ -719,6 +724,18 @@ def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any) -> None:
             writer.shutdown(wait=True)  # never close the file under a write
         for buffer in buffers:
             _buffers.give(buffer)
+
+
+def _private(block: np.ndarray, values: Any) -> bool:
+    """True when ``block`` is a buffer the block source made from the image's array (a
+    gather of a C-ordered array), not a view of it. Blocks of a proxy may be views of
+    its memory-mapped file: never taken as private.
+
+    >>> a = np.zeros((4, 4), order='F')
+    >>> _private(a.reshape(-1, order='F'), a), _private(a.T.copy(), a)
+    (False, True)
+    """
+    return isinstance(values, np.ndarray) and not np.may_share_memory(block, values)
 
 
 def _spare_core() -> bool:
