@@ -902,6 +902,8 @@ def _fallocate() -> Any:
 
 _FALLOCATE = _fallocate()
 _KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve blocks, leave the size to the writes
+#: Largest range preallocated (see :func:`_preallocate`)
+_PREALLOCATE_MAX = 128 << 20
 _NO_PREALLOCATION = frozenset(
     {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EBADF}
 )
@@ -915,9 +917,11 @@ def _preallocate(fd: int, offset: int, nbytes: int) -> None:
     unchanged (``FALLOC_FL_KEEP_SIZE``). ``fallocate(2)``, not ``os.posix_fallocate``:
     glibc emulates that one on file systems without it by writing every block.
     A file system that cannot preallocate is written as before; no space left is
-    raised now, before anything is written.
+    raised now, before anything is written. Only up to :data:`_PREALLOCATE_MAX`:
+    writing into larger preallocated ranges was slower here (512 MiB: 0.6-1.3 s
+    against 0.15-0.35 s), the kernel converting their extents as it writes them back.
     """
-    if _FALLOCATE is None or nbytes <= 0:
+    if _FALLOCATE is None or not 0 < nbytes <= _PREALLOCATE_MAX:
         return
     if _FALLOCATE(fd, _KEEP_SIZE, offset, nbytes) != 0:
         err = ctypes.get_errno()
