@@ -681,7 +681,7 @@ def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any, values: Any
     writes one (the kernel copying it into the page cache, most of the cost) while this
     one fills and hashes the other (both release the GIL). On a busy machine each
     hand-over would wait for the scheduler: one thread, and a block that is already a
-    private copy (gathered from a C-ordered array, read from a file) is not copied again.
+    private copy (the gather of a C-ordered array) is not copied again.
     """
     buffers: list[np.ndarray | None] = [None, None]
     pending: list[Any] = [None, None]
