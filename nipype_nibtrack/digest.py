@@ -242,9 +242,14 @@ def _dtype_key(dtype: np.dtype) -> str:
     return dtype.str if dtype.fields is None else repr(dtype.descr)
 
 
+def _seed(dtype: np.dtype, shape: tuple) -> bytes:
+    """What a data digest hashes before the voxels: their dtype and shape."""
+    return repr((_dtype_key(dtype), tuple(int(n) for n in shape))).encode()
+
+
 def _hasher(dtype: np.dtype, shape: tuple) -> Any:
     hasher = xxhash.xxh3_128()
-    hasher.update(repr((_dtype_key(dtype), tuple(int(n) for n in shape))).encode())
+    hasher.update(_seed(dtype, shape))
     return hasher
 
 

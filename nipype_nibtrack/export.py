@@ -9,10 +9,13 @@ the new file. :func:`export_image` builds a new image object and writes that ins
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import io
 import os
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any
@@ -31,7 +34,13 @@ from nibabel.parrec import PARRECHeader
 from nibabel.volumeutils import apply_read_scaling, seek_tell
 
 from .digest import (
+    BLOCK_BYTES as _BLOCK_BYTES,
+)
+from .digest import (
     _hasher as _data_hasher,
+)
+from .digest import (
+    _seed as _data_seed,
 )
 from .digest import (
     data_source,
@@ -332,6 +341,9 @@ def plan(img: Any, target: Target) -> Plan:
     ------
     ValueError
         ``target`` cannot hold the image exactly; the message says why.
+    ContentChanged
+        The header or affine changed while the write was planned (a refusal made then
+        may be about an affine half edited by another thread: it is not trusted).
 
     Examples
     --------
@@ -349,6 +361,16 @@ def plan(img: Any, target: Target) -> Plan:
     ):
         raise _refuse(img, target, f'nibabel cannot convert it to a {klass.__name__}')
     snap = snapshot(img) if klass is not GiftiImage else None
+    try:
+        return _plan(img, target, snap)
+    except _Refused:
+        if snap is not None and snapshot(img) != snap:
+            raise ContentChanged('the header or affine changed while planned') from None
+        raise
+
+
+def _plan(img: Any, target: Target, snap: Any) -> Plan:
+    klass = target.klass
     meta = meta_digest(img, snap) if snap is not None else None
     if klass in (GiftiImage, Cifti2Image):
         if target.ext not in klass.valid_exts:
@@ -562,6 +584,14 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
             f'back from a {target.ext} file (MGH refuses it, a pair has an empty .img, '
             'a compressed file loads with the wrong shape); .nii holds it',
         )
+    shape = tuple(int(n) for n in img.shape)
+    if tuple(out.shape) != shape:  # MGH stores at least 3 dimensions
+        raise _refuse(
+            img,
+            target,
+            f'a reader of {target.ext} would get the shape {tuple(out.shape)} instead of '
+            f'{shape}; NIfTI (.nii, .nii.gz, .hdr/.img) holds it',
+        )
     if isinstance(out, MGHImage):
         want = _zooms(img.header)
         unit = time_unit(img.header)
@@ -611,11 +641,21 @@ def _empty_slicer(dataobj: Any) -> tuple:
     return tuple(slice(0, 0) for _ in dataobj.shape)
 
 
-def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
-    """Copy each block once, hash that copy, write it: what is hashed is what is written."""
+def _write_voxels(p: Plan, fileobj: Any, hasher: Any, seed: bytes) -> None:
+    """Copy each block once, hash that copy, write it: what is hashed is what is written.
+
+    When the file gets the very bytes hashed (same dtype, little-endian, no scaling) the
+    data digest's hasher is also the file's hash of that part (see :class:`_HashingFile`):
+    the voxels are hashed once, for the store key and for the manifest.
+    """
     out_dtype = p.out.header.get_data_dtype()
     src = _le(p.src)
     same = _le(out_dtype) == src and p.scaled is None
+    if same and out_dtype == src and isinstance(fileobj, _HashingFile):
+        fileobj.adopt(seed, hasher)
+        _write_verbatim(_value_blocks(p.values, None, p.raw), fileobj, hasher, p.values)
+        fileobj.resume()
+        return
     for block in _value_blocks(p.values, None, p.raw, copy=True):
         hasher.update(block)
         values = block.view(src)
@@ -633,50 +673,260 @@ def _write_voxels(p: Plan, fileobj: Any, hasher: Any) -> None:
         fileobj.write(memoryview(np.ascontiguousarray(data)).cast('B'))
 
 
+def _write_verbatim(blocks: Any, fileobj: _HashingFile, hasher: Any, values: Any) -> None:
+    """Copy each block, hash the copy and write it.
+
+    The copy is what makes the bytes hashed the bytes written (another thread may edit
+    the array meanwhile). When a core is free, two buffers take turns: a second thread
+    writes one (the kernel copying it into the page cache, most of the cost) while this
+    one fills and hashes the other (both release the GIL). On a busy machine each
+    hand-over would wait for the scheduler: one thread, and a block that is already a
+    private copy (the gather of a C-ordered array) is not copied again.
+    """
+    buffers: list[np.ndarray | None] = [None, None]
+    pending: list[Any] = [None, None]
+    writer = None
+    first = None
+    parallel = _spare_core()
+    try:
+        for i, block in enumerate(blocks):
+            turn = i % 2 if parallel else 0
+            if pending[turn] is not None:
+                pending[turn].result()  # its buffer is written: reuse it
+            if not parallel and _private(block, values):
+                hasher.update(block)
+                fileobj.write_hashed(block)
+                continue
+            buffer = buffers[turn]
+            if buffer is None or buffer.size < block.size:
+                _buffers.give(buffer)
+                buffer = buffers[turn] = _buffers.take(block.size)
+            copy = buffer[: block.size]
+            np.copyto(copy, block)
+            hasher.update(copy)
+            if not parallel:
+                fileobj.write_hashed(copy)
+                continue
+            if i == 0:
+                first = copy  # written once a second block shows the thread is worth it
+                continue
+            if writer is None:
+                writer = ThreadPoolExecutor(1, thread_name_prefix='nibtrack-write')
+                pending[0] = writer.submit(fileobj.write_hashed, first)
+            pending[turn] = writer.submit(fileobj.write_hashed, copy)
+        if writer is None and first is not None:
+            fileobj.write_hashed(first)
+        for done in pending:
+            if done is not None:
+                done.result()
+    finally:
+        if writer is not None:
+            writer.shutdown(wait=True)  # never close the file under a write
+        for buffer in buffers:
+            _buffers.give(buffer)
+
+
+def _private(block: np.ndarray, values: Any) -> bool:
+    """True when ``block`` is a buffer the block source made from the image's array (a
+    gather of a C-ordered array), not a view of it. Blocks of a proxy may be views of
+    its memory-mapped file: never taken as private.
+
+    >>> a = np.zeros((4, 4), order='F')
+    >>> _private(a.reshape(-1, order='F'), a), _private(a.T.copy(), a)
+    (False, True)
+    """
+    return isinstance(values, np.ndarray) and not np.may_share_memory(block, values)
+
+
+def _spare_core() -> bool:
+    """True when this process may use two cores and one is idle now.
+
+    Linux counts the threads running or ready to run, this one included, in
+    ``/proc/loadavg``; elsewhere the load average of the last minute stands in.
+
+    >>> isinstance(_spare_core(), bool)
+    True
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS
+        cores = os.cpu_count() or 1
+    if cores < 2:
+        return False
+    try:
+        with open('/proc/loadavg', 'rb') as f:
+            running = int(f.read().split()[3].split(b'/')[0])
+    except (OSError, ValueError, IndexError):
+        try:
+            running = max(1, round(os.getloadavg()[0]))  # this process among them
+        except OSError:
+            return False
+    return running <= cores - 1  # this thread, and a core for the writer
+
+
+class _BufferPool:
+    """Two block buffers kept between writes: a fresh 4 MiB buffer costs a page fault
+    and a zeroed page per 4 KiB the first time it is filled (about 0.5 ms per write)."""
+
+    def __init__(self, keep: int = 2):
+        self._free: list[np.ndarray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> np.ndarray:
+        with self._lock:
+            for i, buffer in enumerate(self._free):
+                if buffer.size >= size:
+                    return self._free.pop(i)
+        return np.empty(size, np.uint8)
+
+    def give(self, buffer: np.ndarray | None) -> None:
+        if buffer is None or buffer.size > 2 * _BLOCK_BYTES:
+            return
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buffer)
+
+
+_buffers = _BufferPool()
+
+
+def _fresh_pool() -> None:
+    global _buffers
+    _buffers = _BufferPool()  # a child forked while another thread held the lock
+
+
+os.register_at_fork(after_in_child=_fresh_pool)
+
+
 @dataclass(frozen=True)
 class Written:
-    """What :func:`write_plan` wrote: the content digest, and the xxh3-128 of the bytes of
-    each uncompressed file (by name), hashed as they were written."""
+    """What :func:`write_plan` wrote: the content digest, and the hash of the bytes of each
+    uncompressed file (by name), hashed as they were written.
+
+    A file's hash is the xxh3-128 hex of its bytes, or a list of ``(start, seed, hex)``
+    parts: the bytes from ``start`` to the next part's start (or the end of the file),
+    hashed after the bytes ``seed`` (see :func:`~nipype_nibtrack.store.Store.put`).
+    """
 
     digest: str
     files: dict
 
 
 class _HashingFile:
-    """A write-only file wrapper that hashes the bytes as they go to the file.
+    """A write-only file wrapper that hashes the bytes as they go to the file, by parts.
 
-    A forward seek counts as the zeros the file will hold; a backward seek makes the
-    hash unusable (``valid`` False), never wrong.
+    A part adopted by the caller (:meth:`adopt`) is hashed by the caller's own hasher,
+    which has seen ``seed`` first: the voxels, hashed once for the data digest. A
+    forward seek counts as the zeros the file will hold; a backward seek, or any seek
+    within an adopted part, makes the hash unusable (``valid`` False), never wrong.
     """
 
     def __init__(self, fileobj: Any):
         self._f = fileobj
         self._pos = 0
-        self.hasher = xxhash.xxh3_128()
+        self._parts: list[tuple[int, bytes, Any]] = []
+        self._own = True
         self.valid = True
+        self.resume()
+
+    def adopt(self, seed: bytes, hasher: Any) -> None:
+        """From here, the caller hashes what it writes (with :meth:`write_hashed`)."""
+        self._parts.append((self._pos, seed, hasher))
+        self._own = False
+
+    def resume(self) -> None:
+        """From here, the bytes written are hashed here again."""
+        self._parts.append((self._pos, b'', xxhash.xxh3_128()))
+        self._own = True
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast('B')
-        self.hasher.update(view)
+        if self._own:
+            self._parts[-1][2].update(view)
+        else:
+            self.valid = False  # bytes the caller did not hash, in its part
+        return self.write_hashed(view)
+
+    def write_hashed(self, data: Any) -> int:
+        view = memoryview(data).cast('B')
         self._pos += view.nbytes
         self._f.write(view)
         return view.nbytes
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        if whence != 0:
+        if whence != 0 or offset < self._pos or (offset > self._pos and not self._own):
             self.valid = False
         elif offset > self._pos:
-            self.hasher.update(bytes(offset - self._pos))
-        elif offset < self._pos:
-            self.valid = False
+            self._parts[-1][2].update(bytes(offset - self._pos))
         self._pos = offset if whence == 0 else self._pos
         return self._f.seek(offset, whence)
 
     def tell(self) -> int:
         return self._f.tell()
 
+    def preallocate(self, nbytes: int) -> None:
+        """Reserve the file's next ``nbytes`` on disk before writing them (see
+        :func:`_preallocate`)."""
+        with contextlib.suppress(AttributeError, io.UnsupportedOperation):
+            _preallocate(self._f.fileno(), self._pos, nbytes)
+
+    def digest(self) -> str | list[tuple[int, str, str]]:
+        """The hex of the whole file, or its parts (empty ones left out)."""
+        ends = [start for start, _, _ in self._parts[1:]] + [self._pos]
+        parts = [
+            (start, seed.hex(), hasher.hexdigest())
+            for (start, seed, hasher), end in zip(self._parts, ends, strict=True)
+            if end > start
+        ]
+        if not parts:
+            return self._parts[0][2].hexdigest()
+        if len(parts) == 1 and not parts[0][1]:
+            return parts[0][2]
+        return parts
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self._f, name)
+
+
+def _fallocate() -> Any:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError):  # not glibc/musl (macOS): no fallocate
+        return None
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    call.restype = ctypes.c_int
+    return call
+
+
+_FALLOCATE = _fallocate()
+_KEEP_SIZE = 1  # FALLOC_FL_KEEP_SIZE: reserve blocks, leave the size to the writes
+#: Largest range preallocated (see :func:`_preallocate`)
+_PREALLOCATE_MAX = 128 << 20
+_NO_PREALLOCATION = frozenset(
+    {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.EPERM, errno.EBADF}
+)
+
+
+def _preallocate(fd: int, offset: int, nbytes: int) -> None:
+    """Reserve ``nbytes`` of ``fd`` from ``offset`` on disk, in one call.
+
+    ext4 (and XFS) otherwise reserve blocks page by page as the write fills the page
+    cache: a third of the time of writing 64 MiB here. The file's size and bytes are
+    unchanged (``FALLOC_FL_KEEP_SIZE``). ``fallocate(2)``, not ``os.posix_fallocate``:
+    glibc emulates that one on file systems without it by writing every block.
+    A file system that cannot preallocate is written as before; no space left is
+    raised now, before anything is written. Only up to :data:`_PREALLOCATE_MAX`:
+    writing into larger preallocated ranges was slower here (512 MiB: 0.6-1.3 s
+    against 0.15-0.35 s), the kernel converting their extents as it writes them back.
+    """
+    if _FALLOCATE is None or not 0 < nbytes <= _PREALLOCATE_MAX:
+        return
+    if _FALLOCATE(fd, _KEEP_SIZE, offset, nbytes) != 0:
+        err = ctypes.get_errno()
+        if err not in _NO_PREALLOCATION:
+            raise OSError(err, os.strerror(err))
 
 
 def write_plan(p: Plan, path: str | os.PathLike) -> Written:
@@ -690,6 +940,8 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
     out = p.out
     path = os.fspath(path)
     hasher = _data_hasher(p.src, out.shape)
+    seed = _data_seed(p.src, out.shape)
+    nbytes = int(np.prod(out.shape, dtype=np.int64)) * out.header.get_data_dtype().itemsize
     file_map = out.filespec_to_file_map(path)
     opened: dict[str, Any] = {}
 
@@ -700,13 +952,18 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
         wrapped = opened[os.path.basename(holder.filename)] = _HashingFile(fileobj)
         return wrapped
 
+    def voxels(fileobj: Any, offset: int) -> None:
+        seek_tell(fileobj, offset, write0=True)
+        if isinstance(fileobj, _HashingFile):
+            fileobj.preallocate(nbytes)
+        _write_voxels(p, fileobj, hasher, seed)
+
     if isinstance(out, MGHImage):
         hdr = out.header
         mghf = hashing(file_map['image'])
         try:
             hdr.writehdr_to(mghf)
-            seek_tell(mghf, hdr.get_data_offset(), write0=True)
-            _write_voxels(p, mghf, hasher)
+            voxels(mghf, hdr.get_data_offset())
             hdr.writeftr_to(mghf)
         finally:
             mghf.close_if_mine()
@@ -718,13 +975,12 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
         imgf = hdrf if same else hashing(img_fh)
         try:
             hdr.write_to(hdrf)
-            seek_tell(imgf, hdr.get_data_offset(), write0=True)
-            _write_voxels(p, imgf, hasher)
+            voxels(imgf, hdr.get_data_offset())
         finally:
             hdrf.close_if_mine()
             if not same:
                 imgf.close_if_mine()
-    files = {name: f.hasher.hexdigest() for name, f in opened.items() if f.valid}
+    files = {name: f.digest() for name, f in opened.items() if f.valid}
     return Written(finish_digest(p.meta, p.tag, hasher.hexdigest()), files)
 
 

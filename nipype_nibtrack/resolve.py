@@ -390,13 +390,18 @@ def _write(
 
     Voxels written by :func:`~nipype_nibtrack.export.write_plan` are hashed as they are
     written: an image that changed since it was digested (another thread editing its
-    array, its file rewritten) yields another digest, and the entry is discarded and
-    resolved again. Returns the xxh3 of the files' bytes, for the store's manifest.
+    array or header, its file rewritten) yields another digest, and the entry is
+    discarded and resolved again. The plan is the one chosen for ``digest``: its header
+    was made and its meta hashed from the image as it was then, so what is written is
+    what that digest describes or the digests differ. Returns the xxh3 of the files'
+    bytes (whole or by parts), for the store's manifest.
     """
     try:
-        written = export_image(img, chosen.target, tmp)  # planned again: the image now
+        # The plan made for ``digest`` (its header, its meta hash): planning again would
+        # cost as much as a tenth of the write, and any change since shows below
+        written = export_image(img, chosen.target, tmp, decided=chosen)
     except (ContentChanged, _Refused) as err:
-        # planned again from the image as it is now: refused only if it changed since
+        # a value no longer survives the planned dtype: the image changed since
         raise _SourceChanged(image=True) from err
     except HeaderDataError as err:
         raise ValueError(

@@ -3,8 +3,9 @@
 Layout under the store root::
 
     objects/ab/ab12...ef/<stem><ext>         the image (plus .hdr for pairs)
-    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry,
-                                             and the version of the digest that keyed it
+    objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry
+                                             (whole, or by parts), and the version of the
+                                             digest that keyed it
     tmp/<digest>.<random>/                   writes in progress
     locks/<digest>.lock                      flock: exclusive to write or delete, shared to use
 
@@ -15,7 +16,9 @@ downstream). The manifest is linked before the image, so an image without a matc
 manifest was never completed and is never handed out.
 
 Before an entry is handed out its files are checked against the manifest: size always,
-xxh3 of the bytes for files up to :data:`VERIFY_MAX_BYTES`, memoised per file identity
+xxh3 of the bytes for files up to :data:`VERIFY_MAX_BYTES` (of the whole file, or of its
+parts: an image's voxels are hashed after their dtype and shape, as the data digest
+hashes them, so that a writer hashes them once), memoised per file identity
 once it has settled (see :mod:`.fileid`), so that reusing an unchanged entry costs a
 ``stat``. A damaged entry is written again under its lock; an intact one never is.
 
@@ -490,7 +493,7 @@ class Store:
         entry: str,
         fname: str,
         size: int,
-        xxh3: str | None,
+        xxh3: tuple | None,
         mark: tuple[int, int] | None = None,
     ) -> str | None:
         st = _lstat(fname, dir_fd)
@@ -513,10 +516,10 @@ class Store:
         if _verified.get(key):
             return None
         try:
-            got, stable = _file_xxh3(fname, dir_fd)
+            got, stable = _file_xxh3(fname, dir_fd, tuple(layout for layout, _ in xxh3))
         except OSError as err:
             return f'unreadable ({err.strerror or err})'
-        if got != xxh3:
+        if got != tuple(hexes for _, hexes in xxh3):
             return 'content differs from its manifest'
         if stable == ident and ident.settled():
             _verified.put(key, True)  # unchanged while read, and no rewrite can hide in a tick
@@ -529,7 +532,10 @@ class Store:
 
         ``write`` writes the file(s) under the path it is given, in a private temporary
         folder of the store; it may return ``{file name: xxh3-128 hex}`` of the bytes it
-        wrote, which the manifest then takes without reading the files again. An
+        wrote, which the manifest then takes without reading the files again; or, for a
+        file, a list of parts ``(start, seed hex, xxh3-128 hex)``: the xxh3 of the bytes
+        ``seed`` followed by the file's bytes from ``start`` to the next part's start
+        (to its end for the last part; the first starts at 0). An
         ``OSError`` it raises that is the store's (no space, read-only, permissions)
         becomes a :class:`StoreError`; anything else passes.
 
@@ -588,22 +594,28 @@ class Store:
         """Hash the files written in ``tmpdir``, write the manifest, link them into place.
 
         ``known`` maps file names to the xxh3 of the bytes the writer wrote (hashed as it
-        wrote them, in this process, into its private folder): those are not read again.
+        wrote them, in this process, into its private folder), whole or by parts (see
+        :meth:`put`): those are not read again.
         """
         tmp_fd = self._open_dir(tmpdir)
         try:
-            files: dict[str, tuple[int, str]] = {}
+            files: dict[str, tuple[int, str | None]] = {}
+            parts: dict[str, list] = {}
             # (inode, mtime) of each file: linking into the entry keeps both, and any
             # later rewrite or replacement (a tool writing over its input) moves one
             written: dict[str, list[int]] = {}
             for fname in sorted(os.listdir(tmp_fd)):
-                if isinstance(known.get(fname), str) and _HEX.match(known[fname]):
+                claim = known.get(fname)
+                whole = isinstance(claim, str) and _HEX.match(claim)
+                if whole or _parts(claim) is not None:
                     st = os.stat(fname, dir_fd=tmp_fd, follow_symlinks=False)
-                    if stat.S_ISREG(st.st_mode):
-                        files[fname] = (st.st_size, known[fname])
+                    if stat.S_ISREG(st.st_mode) and (whole or _parts(claim, st.st_size)):
+                        files[fname] = (st.st_size, claim if whole else None)
+                        if not whole:
+                            parts[fname] = [[int(n), seed, h] for n, seed, h in claim]
                         written[fname] = [st.st_ino, st.st_mtime_ns]
                         continue
-                xxh3, ident = _file_xxh3(fname, tmp_fd)
+                ((xxh3,),), ident = _file_xxh3(fname, tmp_fd)
                 if ident is None:
                     raise StoreError(
                         errno.EAGAIN,
@@ -621,11 +633,12 @@ class Store:
             manifest = _manifest_name(name)
             text = json.dumps(
                 {
-                    'version': 2,
+                    'version': 3,
                     'digest_version': DIGEST_VERSION,
                     'digest': digest,
                     'files': {f: v[0] for f, v in files.items()},
-                    'xxh3': {f: v[1] for f, v in files.items()},
+                    'xxh3': {f: v[1] for f, v in files.items() if v[1] is not None},
+                    'parts': parts,
                     'written': written,
                 }
             ).encode()
@@ -801,10 +814,10 @@ def _safe_name(name: object) -> bool:
     )
 
 
-def _read_manifest(
-    entry_fd: int, name: str, digest: str
-) -> dict[str, tuple[int, str | None]] | None:
-    """{file: (size, xxh3 or None)} of the entry ``name``, or None when it is not valid."""
+def _read_manifest(entry_fd: int, name: str, digest: str) -> dict[str, tuple] | None:
+    """{file: (size, hashes or None, mark)} of the entry ``name``, or None when it is not
+    valid; hashes are ``((layout, hexes), ...)``, one claim per way the manifest hashed
+    the file (whole, by parts), every one to be checked."""
     try:
         fd = os.open(_manifest_name(name), _O_READ, dir_fd=entry_fd)
     except OSError:
@@ -815,6 +828,7 @@ def _read_manifest(
             return None
         data = json.loads(os.read(fd, _MANIFEST_MAX_BYTES))
         files, hashes, written = data['files'], data.get('xxh3', {}), data.get('written', {})
+        by_parts = data.get('parts', {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     finally:
@@ -826,7 +840,7 @@ def _read_manifest(
         # older than this field have keys made with another digest prefix, which no
         # digest of this version can equal: they are never reached.)
         return None
-    if not isinstance(hashes, dict) or not isinstance(written, dict):
+    if not all(isinstance(d, dict) for d in (hashes, written, by_parts)):
         return None
     out = {}
     for fname, size in files.items():
@@ -835,6 +849,12 @@ def _read_manifest(
             return None
         if xxh3 is not None and not (isinstance(xxh3, str) and _HEX.match(xxh3)):
             return None
+        claims = [] if xxh3 is None else [(_WHOLE, (xxh3,))]
+        if fname in by_parts:
+            layout = _parts(by_parts[fname], size)
+            if layout is None:
+                return None
+            claims.append(layout)
         mark = written.get(fname)
         if mark is not None:
             if not (isinstance(mark, list) and len(mark) == 2):
@@ -842,25 +862,93 @@ def _read_manifest(
             if not all(type(n) is int for n in mark):
                 return None
             mark = tuple(mark)
-        out[fname] = (size, xxh3, mark)
+        out[fname] = (size, tuple(claims) or None, mark)
     return out
 
 
-def _file_xxh3(name: str, dir_fd: int) -> tuple[str, FileId | None]:
-    """xxh3-128 of a file's bytes, and its identity (None if it changed while read)."""
+#: A file hashed whole: one part from byte 0, after no seed
+_WHOLE = ((0, b''),)
+_MAX_PARTS = 16
+_MAX_SEED_BYTES = 1 << 12
+
+
+def _parts(claim: object, size: int | None = None) -> tuple[tuple, tuple] | None:
+    """(layout, hexes) of a list of parts ``[start, seed hex, xxh3 hex]``, or None when it
+    is not one: starts from 0, increasing, none beyond ``size``.
+
+    >>> _parts([[0, '', 'ab' * 16], [352, '2829', 'cd' * 16]], 400)[0]
+    ((0, b''), (352, b'()'))
+    >>> _parts([[0, '', 'ab' * 16], [500, '', 'cd' * 16]], 400) is None
+    True
+    """
+    if not isinstance(claim, (list, tuple)) or not 0 < len(claim) <= _MAX_PARTS:
+        return None
+    layout, hexes, last = [], [], -1
+    for part in claim:
+        if not (isinstance(part, (list, tuple)) and len(part) == 3):
+            return None
+        start, seed, xxh3 = part
+        if type(start) is not int or start <= last or (size is not None and start > size):
+            return None
+        if not (isinstance(seed, str) and len(seed) <= 2 * _MAX_SEED_BYTES):
+            return None
+        if not (isinstance(xxh3, str) and _HEX.match(xxh3)):
+            return None
+        try:
+            layout.append((start, bytes.fromhex(seed)))
+        except ValueError:
+            return None
+        hexes.append(xxh3)
+        last = start
+    if layout[0][0] != 0:
+        return None
+    return tuple(layout), tuple(hexes)
+
+
+class _PartHashes:
+    """The xxh3-128 of each part of a file fed in order (see :func:`_parts`)."""
+
+    def __init__(self, layout: tuple):
+        self._starts = [start for start, _ in layout]
+        self._hashers = []
+        for _, seed in layout:
+            hasher = xxhash.xxh3_128()
+            hasher.update(seed)
+            self._hashers.append(hasher)
+
+    def feed(self, pos: int, chunk: memoryview) -> None:
+        end = pos + len(chunk)
+        stops = [*self._starts[1:], end]
+        for start, stop, hasher in zip(self._starts, stops, self._hashers, strict=True):
+            lo, hi = max(start, pos), min(stop, end)
+            if lo < hi:
+                hasher.update(chunk[lo - pos : hi - pos])
+
+    def hexes(self) -> tuple[str, ...]:
+        return tuple(h.hexdigest() for h in self._hashers)
+
+
+def _file_xxh3(
+    name: str, dir_fd: int, layouts: tuple = (_WHOLE,)
+) -> tuple[tuple[tuple[str, ...], ...], FileId | None]:
+    """xxh3-128 of a file's bytes, hashed in one read by each of ``layouts`` (whole by
+    default, see :func:`_parts`), and its identity (None if it changed while read)."""
     fd = os.open(name, _O_READ, dir_fd=dir_fd)
     try:
         before = FileId.from_stat(os.fstat(fd))
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, 'not a regular file')
-        hasher = xxhash.xxh3_128()
+        streams = [_PartHashes(layout) for layout in layouts]
         view = memoryview(bytearray(min(_BLOCK_BYTES, max(before.size, 1))))
+        pos = 0
         while n := os.readv(fd, [view]):
-            hasher.update(view[:n])
+            for stream in streams:
+                stream.feed(pos, view[:n])
+            pos += n
         after = FileId.from_stat(os.fstat(fd))
     finally:
         os.close(fd)
-    return hasher.hexdigest(), before if after == before else None
+    return tuple(s.hexes() for s in streams), before if after == before else None
 
 
 def _lstat(path: str | Path, dir_fd: int | None = None) -> os.stat_result | None:

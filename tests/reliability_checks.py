@@ -308,8 +308,8 @@ def no_space_injected_at_each_step(work: Path) -> Outcome:
     """ENOSPC injected in the data write, the temp folder, the manifest and each link."""
     real_link, real_write, real_export = os.link, os.write, resolve_mod.export_image
 
-    def half_then_enospc(img: Any, target: Any, path: Any) -> Any:
-        real_export(img, target, path)
+    def half_then_enospc(img: Any, target: Any, path: Any, **kwargs: Any) -> Any:
+        real_export(img, target, path, **kwargs)
         with open(path, 'r+b') as f:  # the disk filled up half way through the data
             f.truncate(os.path.getsize(path) // 2)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
@@ -885,8 +885,8 @@ def gc_racing_resolvers(work: Path) -> Outcome:
     writing, go = threading.Event(), threading.Event()
     real_export = resolve_mod.export_image
 
-    def slow_export(*args: Any) -> Any:
-        out = real_export(*args)
+    def slow_export(*args: Any, **kwargs: Any) -> Any:
+        out = real_export(*args, **kwargs)
         writing.set()
         go.wait(30)
         return out
