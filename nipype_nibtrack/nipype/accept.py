@@ -30,9 +30,10 @@ from nipype.interfaces.base.traits_extension import File
 from traits.api import BaseTuple, CTrait, Dict, List, TraitType, Union
 from traits.trait_handlers import TraitCompound
 
-from .. import normalise_formats, resolve
+from .. import normalise_formats
 from .mirror import mirror_name
-from .traits import ImageFile, contains_image, is_image, iter_images
+from .resolving import resolve_image
+from .traits import ImageFile, contains_image, copying, is_image, iter_images
 
 __all__ = [
     'FAMILY_FORMATS',
@@ -254,7 +255,7 @@ def trait_formats(spec: Any, name: str) -> tuple[str, ...] | None:
 
 def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> Any:
     if is_image(value):
-        resolution = resolve(value, formats=formats)
+        resolution = resolve_image(value, formats)
         logger.info('[nibtrack] %s: %s', label, resolution.describe())
         return resolution.path
     # A list input holds a TraitListObject, whose constructor needs its trait: build
@@ -311,14 +312,16 @@ class _ImageAwareSpec:
         # traits deep-copies item by item, arrays included: seed the memo so every copy
         # shares the image objects. They are only ever read, never modified, here.
         # The seeds are removed afterwards: the memo is shared by the whole graph copy,
-        # and other nodes (Function inputs) keep nipype's own copying.
+        # and other nodes (Function inputs) keep nipype's own copying. The copy takes
+        # them unchecked: they are checked when resolved (see traits.copying).
         seeded = {}
-        for value in self.trait_get().values():
-            for img in iter_images(value):
-                if id(img) not in memo:
-                    seeded[id(img)] = memo[id(img)] = img
+        images = list(iter_images(list(self.trait_get().values())))
+        for img in images:
+            if id(img) not in memo:
+                seeded[id(img)] = memo[id(img)] = img
         try:
-            return super().__deepcopy__(memo)
+            with copying(images):
+                return super().__deepcopy__(memo)
         finally:
             for key, img in seeded.items():
                 if memo.get(key) is img:
