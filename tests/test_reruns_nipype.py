@@ -303,3 +303,13 @@ def test_any_edit_sequence_hashes_like_a_fresh_load(shared_inputs, steps):
             _apply(fresh, step)
         assert node._get_hashval()[1] == nf.node_hash(pe.Node(Summary(in_file=fresh), name='s'))
         assert nt.resolve_memoised(img).path == nt.resolve(fresh).path
+
+
+def test_an_image_edited_into_one_that_cannot_be_a_file_names_the_input(tmp_path, store):
+    """Graph copies take the images their spec accepted unchecked: the hash checks."""
+    img = nib.Nifti1Image(np.ones((3, 3, 3), 'f4'), np.eye(4))
+    wf = pe.Workflow('wf', base_dir=str(tmp_path))
+    wf.add_nodes([pe.Node(Summary(in_file=img), name='summary')])
+    img._dataobj = nib.Nifti1Image.from_bytes(img.to_bytes()).dataobj  # now reads a BytesIO
+    with pytest.raises(ValueError, match=r"'in_file' input of Summary .* in-memory file object"):
+        wf.run()

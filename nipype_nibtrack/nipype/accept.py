@@ -294,7 +294,14 @@ def resolve_spec_images(spec: Any) -> dict[str, Any]:
         value = getattr(spec, name)
         if not contains_image(value):
             continue
-        new = _resolve_value(value, trait_formats(spec, name), f'{label}.{name}')
+        try:
+            new = _resolve_value(value, trait_formats(spec, name), f'{label}.{name}')
+        except (ValueError, TypeError) as err:
+            # edited since it was set (deep copies take it unchecked): name the input
+            raise type(err)(
+                f'the {name!r} input of {label} holds an image that cannot be passed on '
+                f'as a file: {err}'
+            ) from err
         replaced[name] = value
         spec.trait_set(trait_change_notify=False, **{name: new})
     return replaced
