@@ -217,7 +217,7 @@ def scale(work: Path) -> None:
     shutil.rmtree(work / 'store-big', ignore_errors=True)
 
 
-def reruns(work: Path, nodes: int = 20, n: int = 64, rounds: int = 15) -> None:
+def reruns(work: Path, nodes: int = 20, n: int = 64, rounds: int = 25) -> None:
     """Cached reruns of ``nodes`` image-aware nodes, against the same workflow given paths.
 
     The three workflows (paths, clean images, dirty images) are run once, then rerun in
