@@ -291,9 +291,13 @@ def resolve_spec_images(spec: Any) -> dict[str, Any]:
     """
     replaced = {}
     label = type(spec).__name__.removesuffix('InputSpec') or type(spec).__name__
-    for name in spec.copyable_trait_names():
-        value = getattr(spec, name)
+    # the values set are in the instance dict (an image is never a default); a value
+    # there that is no input (an event, a transient trait, our own records) is skipped
+    for name, value in list(vars(spec).items()):
         if not contains_image(value):
+            continue
+        trait = spec.trait(name)
+        if trait is None or trait.type == 'event' or trait.transient is True:
             continue
         try:
             new = _resolve_value(value, trait_formats(spec, name), f'{label}.{name}')
