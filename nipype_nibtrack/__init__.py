@@ -25,6 +25,13 @@ from .resolve import (
     resolve,
 )
 from .rules import cleanliness_rule, dirty_reason, is_dirty
+from .state import (
+    ImageState,
+    check_image_memoised,
+    image_state,
+    is_dirty_memoised,
+    resolve_memoised,
+)
 from .store import ENV_VAR, Store, StoreError, chosen_store, get_store, set_store
 
 __version__ = '0.1.0'
@@ -51,6 +58,7 @@ __all__ = [
     'ENV_VAR',
     'ImageFile',
     'ImageReadError',
+    'ImageState',
     'InputMultiImage',
     'Resolution',
     'Store',
@@ -58,19 +66,23 @@ __all__ = [
     'accept_images',
     'as_filename',
     'check_image',
+    'check_image_memoised',
     'chosen_store',
     'cleanliness_rule',
     'dirty_reason',
     'get_store',
     'image_digest',
     'image_label',
+    'image_state',
     'is_dirty',
+    'is_dirty_memoised',
     'load',
     'load_reference',
     'mark_clean',
     'mark_dirty',
     'normalise_formats',
     'resolve',
+    'resolve_memoised',
     'set_store',
     'source_files',
 ]

@@ -314,6 +314,46 @@ class Mean(BaseInterface):
         return {'mean': self._mean}
 
 
+class SummaryInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc='image to read')
+    counter = traits.Str(desc='folder in which each execution leaves a file')
+
+
+class SummaryOutputSpec(TraitedSpec):
+    summary = traits.Str(desc='what a tool reading in_file sees, as JSON')
+
+
+class Summary(BaseInterface):
+    """A Python interface: what a tool reading ``in_file`` sees (header text, affine, voxels)."""
+
+    input_spec = SummaryInputSpec
+    output_spec = SummaryOutputSpec
+
+    def _run_interface(self, runtime: Any) -> Any:
+        if self.inputs.counter:
+            record_run(self.inputs.counter, 'summary')
+        self._summary = summary_of(nib.load(self.inputs.in_file))
+        return runtime
+
+    def _list_outputs(self) -> dict:
+        return {'summary': self._summary}
+
+
+def summary_of(img: Any) -> str:
+    """What :class:`Summary` reports for ``img`` (read from a copy: ``img`` keeps its state)."""
+    import copy
+    import json
+
+    img = copy.deepcopy(img)
+    return json.dumps(
+        {
+            'descrip': img.header['descrip'].item().decode(),
+            'affine': np.asarray(img.affine).tolist(),
+            'voxels': np.asarray(img.get_fdata(dtype='f8')).ravel().tolist(),
+        }
+    )
+
+
 def record_run(counter: str, tag: str) -> None:
     """Leave a file in the folder ``counter`` (a folder: nipype hashes a file's content)."""
     import os

@@ -30,9 +30,10 @@ from nipype.interfaces.base.traits_extension import File
 from traits.api import BaseTuple, CTrait, Dict, List, Union
 from traits.trait_handlers import TraitCompound
 
-from .. import normalise_formats, resolve
+from .. import normalise_formats
 from .mirror import mirror_name
-from .traits import ImageFile, contains_image, iter_images, map_images
+from .resolving import resolve_image
+from .traits import ImageFile, contains_image, copying, iter_images, map_images
 
 __all__ = [
     'FAMILY_FORMATS',
@@ -240,8 +241,9 @@ def _resolve_value(value: Any, formats: tuple[str, ...] | None, label: str) -> A
     """``value`` with every image a file name (plain containers: the trait validates them)."""
 
     def path_of(img: Any) -> str:
-        resolution = resolve(img, formats=formats)
-        logger.info('[nibtrack] %s: %s', label, resolution.describe())
+        resolution = resolve_image(img, formats)
+        if logger.isEnabledFor(logging.INFO):
+            logger.info('[nibtrack] %s: %s', label, resolution.describe())
         return resolution.path
 
     return map_images(value, path_of)
@@ -268,11 +270,22 @@ def resolve_spec_images(spec: Any) -> dict[str, Any]:
     """
     replaced = {}
     label = type(spec).__name__.removesuffix('InputSpec') or type(spec).__name__
-    for name in spec.copyable_trait_names():
-        value = getattr(spec, name)
+    # the values set are in the instance dict (an image is never a default); a value
+    # there that is no input (an event, a transient trait, our own records) is skipped
+    for name, value in list(vars(spec).items()):
         if not contains_image(value):
             continue
-        new = _resolve_value(value, trait_formats(spec, name), f'{label}.{name}')
+        trait = spec.trait(name)
+        if trait is None or trait.type == 'event' or trait.transient is True:
+            continue
+        try:
+            new = _resolve_value(value, trait_formats(spec, name), f'{label}.{name}')
+        except (ValueError, TypeError) as err:
+            # edited since it was set (deep copies take it unchecked): name the input
+            raise type(err)(
+                f'the {name!r} input of {label} holds an image that cannot be passed on '
+                f'as a file: {err}'
+            ) from err
         replaced[name] = value
         spec.trait_set(trait_change_notify=False, **{name: new})
     return replaced
@@ -290,14 +303,17 @@ class _ImageAwareSpec:
         # traits deep-copies item by item, arrays included: seed the memo so every copy
         # shares the image objects. They are only ever read, never modified, here.
         # The seeds are removed afterwards: the memo is shared by the whole graph copy,
-        # and other nodes (Function inputs) keep nipype's own copying.
+        # and other nodes (Function inputs) keep nipype's own copying. The copy takes
+        # them unchecked: they are checked when resolved (see traits.copying).
         seeded = {}
-        for value in self.trait_get().values():
-            for img in iter_images(value):
-                if id(img) not in memo:
-                    seeded[id(img)] = memo[id(img)] = img
+        # the instance dict holds every value set (trait_get costs 20x more to list them)
+        images = list(iter_images(list(vars(self).values())))
+        for img in images:
+            if id(img) not in memo:
+                seeded[id(img)] = memo[id(img)] = img
         try:
-            return super().__deepcopy__(memo)
+            with copying(images):
+                return super().__deepcopy__(memo)
         finally:
             for key, img in seeded.items():
                 if memo.get(key) is img:

@@ -46,7 +46,8 @@ from nipype.utils.filemanip import ensure_list, indirectory
 from nipype.utils.misc import str2bool
 from traits.api import TraitError
 
-from .. import is_dirty, load, resolve, source_files
+from .. import is_dirty_memoised, load, source_files
+from .resolving import resolve_image
 from .traits import contains_image, iter_images, map_images
 
 __all__ = ['bound_copy', 'depends_on_cwd', 'install']
@@ -84,7 +85,7 @@ def bound_copy(img: Any) -> Any:
     >>> bound_copy(nib.load(os.path.relpath(path))).get_filename() == path
     True
     """
-    return load(resolve(img).path)
+    return load(resolve_image(img).path)
 
 
 def _bound_if_relative(img: Any) -> Any:
@@ -114,7 +115,7 @@ def _seed_bound_copies(spec: BaseTraitedSpec, memo: dict) -> dict[int, Any]:
         for img in iter_images(value):
             if id(img) in memo:
                 continue
-            if not depends_on_cwd(img) and not is_dirty(img):
+            if not depends_on_cwd(img) and not is_dirty_memoised(img):
                 known = len(memo)
                 try:
                     deepcopy(img, memo)

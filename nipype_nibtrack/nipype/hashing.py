@@ -22,7 +22,8 @@ from nipype.interfaces.base.support import Bunch
 from nipype.pipeline.engine import utils as engine_utils
 from nipype.utils import provenance as nipype_provenance
 
-from .. import image_label, resolve
+from .. import image_label
+from .resolving import resolve_image
 from .traits import is_image, iter_images
 
 __all__ = ['install']
@@ -33,7 +34,7 @@ def _unhashable_image(spec: BaseTraitedSpec) -> tuple[str, Any] | None:
     for name, value in sorted(spec.trait_get().items()):
         for img in iter_images(value):
             try:
-                resolve(img)
+                resolve_image(img)
             except (ValueError, TypeError):
                 return name, img
     return None
@@ -47,9 +48,9 @@ _resolved_in_call: ContextVar[dict[int, str] | None] = ContextVar('resolved', de
 def _path_of(img: Any) -> str:
     memo = _resolved_in_call.get()
     if memo is None:
-        return resolve(img).path
+        return resolve_image(img).path
     if id(img) not in memo:
-        memo[id(img)] = resolve(img).path
+        memo[id(img)] = resolve_image(img).path
     return memo[id(img)]
 
 

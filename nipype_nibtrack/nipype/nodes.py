@@ -9,6 +9,8 @@ file each image of the node's inputs resolved to is kept with the hash, and the 
 hashed again when one of them now resolves to another file. This holds for every kind
 of node: an image-aware interface's inputs (where hashing left file names, and the
 images behind them are remembered), a ``MapNode``'s own inputs, ``Function`` inputs.
+What is kept is what the hash was computed from: the resolutions made while hashing
+(:func:`.resolving.recording`), with the formats they were made for.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any
 
 from nipype.pipeline.engine.nodes import JoinNode, MapNode, Node
 
-from .. import resolve
+from .resolving import recording, resolve_image
 from .traits import iter_images
 
 __all__ = ['install']
@@ -37,26 +39,32 @@ def _images(spec: Any) -> list[Any]:
     return found
 
 
-def _resolutions(spec: Any) -> list[tuple[Any, str]]:
+def _resolutions(spec: Any, seen: dict[int, tuple[Any, list]]) -> list[tuple[Any, Any, str]]:
+    """(image, formats, file) for each image behind ``spec``: as resolved while hashing."""
     out = []
     for img in _images(spec):
-        try:
-            out.append((img, resolve(img).path))
+        entry = seen.get(id(img))
+        if entry is not None and entry[0] is img:
+            out.extend((img, formats, path) for formats, path in entry[1])
+            continue
+        try:  # not resolved by the hash (an image hashing left behind a file name)
+            out.append((img, None, resolve_image(img).path))
         except (TypeError, ValueError):
             continue  # cannot become a file: nipype's hashing reports it
     return out
 
 
-#: By node: the images its memoised hash was computed with and the files they were.
+#: By node: the images its memoised hash was computed with, the formats they were
+#: resolved for and the files they were.
 #: Beside the node, not in it: a node is pickled (MultiProc submissions) with plain
 #: pickle, which would carry the images' arrays.
 _hashed_with: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _stale(node: Node) -> bool:
-    for img, path in _hashed_with.get(node, ()):
+    for img, formats, path in _hashed_with.get(node, ()):
         try:
-            if resolve(img).path != path:
+            if resolve_image(img, formats).path != path:
                 return True
         except (TypeError, ValueError):
             return True
@@ -67,10 +75,11 @@ def _wrap(get_hashval: Any) -> Any:
     def _get_hashval(self: Node) -> Any:
         if self._hashvalue is not None and _stale(self):
             self._hashvalue = self._hashed_inputs = None
-        fresh = self._hashvalue is None
-        hashed = get_hashval(self)
-        if fresh:
-            _hashed_with[self] = _resolutions(self.inputs)
+        if self._hashvalue is not None:
+            return get_hashval(self)
+        with recording() as seen:
+            hashed = get_hashval(self)
+            _hashed_with[self] = _resolutions(self.inputs, seen)
         return hashed
 
     _get_hashval._nibtrack = True

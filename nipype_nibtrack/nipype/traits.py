@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Iterable, Iterator
+from contextvars import ContextVar
 from typing import Any
 
 from nibabel.filebasedimages import FileBasedImage
@@ -12,7 +14,7 @@ from nipype.interfaces.base.support import Bunch
 from nipype.interfaces.base.traits_extension import File, InputMultiObject
 from traits.api import TraitError
 
-from .. import check_image, normalise_formats
+from .. import check_image_memoised, normalise_formats
 
 __all__ = [
     'ImageFile',
@@ -25,6 +27,22 @@ __all__ = [
 
 #: Extensions read when neither the trait nor the interface family says otherwise
 DEFAULT_FORMATS = ('.nii', '.nii.gz')
+
+# The images of an input spec being deep-copied, by id() (the spec holds them while it is
+# copied). nipype deep-copies the graph twice per run, and traits validates every value
+# it copies: a copy holds the very objects the spec accepted, which are checked where
+# it counts, when they are resolved (a check at copy time could not see a later edit).
+_copied: ContextVar[dict[int, Any] | None] = ContextVar('copied', default=None)
+
+
+@contextlib.contextmanager
+def copying(images: Iterator[Any]) -> Iterator[None]:
+    """While the block runs, :class:`ImageFile` takes these very images unchecked."""
+    token = _copied.set({id(img): img for img in images})
+    try:
+        yield
+    finally:
+        _copied.reset(token)
 
 
 def is_image(value: Any) -> bool:
@@ -176,9 +194,12 @@ class ImageFile(File):
                 f'{where} takes a path or a nibabel image, not {type(value).__name__}: '
                 f'{value!r:.80}'
             )
+        copied = _copied.get()
+        if copied is not None and copied.get(id(value)) is value:
+            return value  # a deep copy of a spec that accepted it (see ``copying``)
         try:
             # a surface is refused by a volume input and accepted where .gii is read
-            check_image(value, self.formats())
+            check_image_memoised(value, self.formats())
         except (ValueError, TypeError) as err:
             raise TraitError(f'{where} cannot take this {type(value).__name__}: {err}') from err
         return value

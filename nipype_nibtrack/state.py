@@ -1,0 +1,339 @@
+"""The state of an image, and answers remembered for as long as that state holds.
+
+A workflow engine asks the same questions about the same image many times per run:
+nipype validates an input at every deep copy of the graph, then resolves it to hash the
+node, then again to know whether a memoised hash still holds. Each answer costs a
+cleanliness check, and for a dirty image a digest, a plan and a store lookup. The
+answers depend only on what the image holds and on the files it reads, so they are
+remembered per image *and its state*:
+
+- the image's side, read from the image in about a microsecond: class, header bytes
+  (byte order and NIfTI extensions included), affine bytes, dtype alias, the data
+  object itself (an identity: a new proxy is a new state) with every read parameter,
+  the file map's names and file objects, and the provenance record (binding, load
+  keywords, ``mark_clean`` baseline, ``mark_dirty``);
+- the files' side: the identity of every file the image depends on and the raw bytes
+  holding its header (a header rewritten through a shared memory map moves neither
+  size nor timestamps), read again at each check with one ``open``, ``fstat`` and
+  ``pread`` per file.
+
+A state is only given for an image that holds no data cache and reads its voxels by
+absolute name from NIfTI/Analyze files whose identities have *settled* (see
+:mod:`.fileid`): then equal identities mean equal voxels, as for every identity-keyed
+memo of the package, and everything else it holds is in the image's side. Any other
+image (an in-memory array, a filled ``get_fdata()`` cache, which can be edited in place
+without a trace, a held file, another format, a file younger than the racy window) has
+no state, and each question is answered in full every time.
+
+Answers live beside the image in a weakly keyed table: a copy, a pickle, or a new image
+that happens to get a freed image's ``id()`` starts with none. An answer is kept only
+when the state was the same before and after it was computed. A store file handed out
+is checked again (a ``stat`` of each file of its entry, which must be the settled
+identities it had when looked up) and looked up in full at least every
+:data:`REFRESH_SECONDS`, which also refreshes its last use for :meth:`Store.gc`.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from nibabel.analyze import AnalyzeImage
+from nibabel.arrayproxy import ArrayProxy
+
+from .fileid import FileId, path_id
+from .provenance import binding_of, file_paths, record_of, source_files
+from .recheck import _read, _region
+from .resolve import Resolution, check_image, normalise_formats, resolve
+from .rules import is_dirty
+from .snapshot import extension_bytes
+from .store import ENV_VAR, Store, chosen_store
+
+__all__ = [
+    'REFRESH_SECONDS',
+    'ImageState',
+    'check_image_memoised',
+    'image_state',
+    'is_dirty_memoised',
+    'resolve_memoised',
+]
+
+#: A store file remembered for an image is looked up in full again after this long
+#: (seconds): far below the grace period of :meth:`Store.gc`, which the lookup renews.
+REFRESH_SECONDS = 60.0
+
+
+def _image_side(img: Any) -> tuple | None:
+    """What the image holds apart from its files' bytes, or None when not simple."""
+    if not isinstance(img, AnalyzeImage):
+        return None
+    dataobj = img._dataobj
+    if type(dataobj) is not ArrayProxy or dataobj._persist_opener:
+        return None  # arrays (editable in place), held files
+    file_like = dataobj.file_like
+    if not isinstance(file_like, str) or not os.path.isabs(file_like):
+        return None  # a relative name reads elsewhere after a chdir
+    if img._fdata_cache is not None or img._data_cache is not None:
+        return None  # a cache can be edited in place without a trace
+    header = img._header
+    structarr = header._structarr
+    affine = img._affine
+    return (
+        type(img),
+        type(header),
+        structarr.dtype.str,
+        structarr.tobytes(),
+        extension_bytes(header),
+        None if affine is None else (affine.dtype.str, affine.shape, affine.tobytes()),
+        getattr(img, '_dtype_alias', None),
+        dataobj,
+        file_like,
+        dataobj._shape,
+        dataobj._dtype,
+        dataobj._offset,
+        dataobj._slope,
+        dataobj._inter,
+        dataobj.order,
+        tuple((key, holder.filename, holder.fileobj) for key, holder in img.file_map.items()),
+    )
+
+
+def _record_side(img: Any) -> tuple | None:
+    record = record_of(img)
+    if record is None:
+        return None
+    return (
+        record.forced_dirty,
+        record.origin,
+        record.baseline,
+        record.binding,
+        tuple(record.ids.items()),
+        record.file_bytes,
+        tuple(sorted(record.caches.items())),
+        tuple(sorted(record.kwargs.items(), key=lambda item: item[0])),
+        None if record.dataobj is None else record.dataobj(),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class ImageState:
+    """One state of an image: see the module docstring.
+
+    ``files`` holds, per file, ``(path, identity, number of header bytes, those bytes)``.
+    """
+
+    image: tuple
+    record: tuple | None
+    files: tuple
+
+    def holds(self, img: Any) -> bool:
+        """True when ``img`` is still in this state: about a microsecond, and one
+        ``open``, ``fstat`` and ``pread`` per file.
+
+        Examples
+        --------
+        >>> import os, nibabel as nib
+        >>> from nibabel.testing import data_path
+        >>> img = nib.load(os.path.join(data_path, 'anatomical.nii'))  # a settled file
+        >>> state = image_state(img)
+        >>> state.holds(img)
+        True
+        >>> img.header['descrip'] = b'edited'
+        >>> state.holds(img)
+        False
+        """
+        if _image_side(img) != self.image or _record_side(img) != self.record:
+            return False
+        return all(_read(path, n) == (ident, head) for path, ident, n, head in self.files)
+
+
+def image_state(img: Any) -> ImageState | None:
+    """The state of ``img`` now, or None when it cannot be told cheaply (module docstring).
+
+    Parameters
+    ----------
+    img : nibabel image
+
+    Returns
+    -------
+    ImageState or None
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> img = nib.load(os.path.join(data_path, 'anatomical.nii'))  # a settled file
+    >>> image_state(img) is not None
+    True
+    >>> _ = img.get_fdata()  # a cache, which could be edited in place
+    >>> image_state(img) is None
+    True
+    """
+    try:
+        if binding_of(img) is None:  # binds a first-seen image, as a check would
+            return None
+    except (AttributeError, TypeError):
+        return None
+    image = _image_side(img)
+    if image is None:
+        return None
+    keys = {path: key for key, path in (file_paths(img) or {}).items()}
+    files = []
+    for path in source_files(img):
+        length = _region(path, keys.get(path, 'image'), img) if os.path.exists(path) else 0
+        if length is None:
+            return None
+        ident, head = _read(path, length)
+        if ident is not None and not (isinstance(ident, tuple) and FileId(*ident).settled()):
+            return None  # unreadable, or young: a same-size rewrite could hide in a tick
+        files.append((path, ident, length, head))
+    return ImageState(image, _record_side(img), tuple(files))
+
+
+# ------------------------------------------------------------ remembered answers
+
+
+@dataclass(frozen=True, eq=False)
+class _Answer:
+    state: ImageState
+    value: Any
+    valid: Callable[[], bool]
+
+
+_answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_lock = threading.Lock()
+_MISSING = object()
+
+
+def _recall(img: Any, question: tuple) -> Any:
+    try:
+        with _lock:
+            answer = (_answers.get(img) or {}).get(question)
+    except TypeError:  # an image class that is not hashable or weakly referable
+        return _MISSING
+    if answer is None or not answer.state.holds(img) or not answer.valid():
+        return _MISSING
+    return answer.value
+
+
+def _remember(
+    img: Any,
+    question: tuple,
+    compute: Callable[[], Any],
+    valid: Callable[[Any], Callable[[], bool] | None] = lambda value: lambda: True,
+) -> Any:
+    known = _recall(img, question)
+    if known is not _MISSING:
+        return known
+    before = image_state(img)
+    value = compute()
+    check = valid(value) if before is not None else None
+    if check is not None and before.holds(img):  # the same state before and after
+        try:
+            with _lock:
+                _answers.setdefault(img, {})[question] = _Answer(before, value, check)
+        except TypeError:
+            pass
+    return value
+
+
+def check_image_memoised(img: Any, formats: Iterable[str] | str | None = None) -> None:
+    """:func:`~nipype_nibtrack.check_image`, remembered per image and state.
+
+    Only a success is remembered; a refusal is computed again (and raised) every time.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> check_image_memoised(img, ['.nii'])
+    """
+    accepted = normalise_formats(formats)
+    _remember(img, ('check', accepted), lambda: check_image(img, accepted))
+
+
+def is_dirty_memoised(img: Any) -> bool:
+    """:func:`~nipype_nibtrack.is_dirty`, remembered per image and state.
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> is_dirty_memoised(nib.load(os.path.join(data_path, 'anatomical.nii')))
+    False
+    """
+    return _remember(img, ('dirty',), lambda: is_dirty(img))
+
+
+def _store_marker(store: Store | None) -> tuple:
+    """What decides the store a resolution writes to."""
+    if store is not None:
+        return ('given', store)
+    chosen = chosen_store()
+    if chosen is not None:
+        return ('chosen', chosen)
+    env = os.environ.get(ENV_VAR)
+    if env and os.path.isabs(env):
+        return ('default', env)
+    # a relative or ~ name, or the user's cache: what default_store_path reads
+    return ('default', env, os.getcwd(), os.environ.get('XDG_CACHE_HOME'), os.environ.get('HOME'))
+
+
+def _entry_check(resolution: Resolution) -> Callable[[], bool] | None:
+    """How to tell that a store file handed out is still the one looked up."""
+    if resolution.action in ('path', 'original'):
+        return lambda: True  # the image's own file: its state says it holds
+    folder = os.path.dirname(resolution.path)
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return None
+    ids = {name: path_id(os.path.join(folder, name)) for name in names}
+    if not ids or any(ident is None or not ident.settled() for ident in ids.values()):
+        return None  # young entries are re-hashed by every lookup: no memo
+    until = time.monotonic() + REFRESH_SECONDS
+
+    def valid() -> bool:
+        if time.monotonic() > until:
+            return False
+        return all(path_id(os.path.join(folder, n)) == ident for n, ident in ids.items())
+
+    return valid
+
+
+def resolve_memoised(
+    value: Any, *, formats: Iterable[str] | str | None = None, store: Store | None = None
+) -> Resolution:
+    """:func:`~nipype_nibtrack.resolve`, remembered per image, state, formats and store.
+
+    A path is resolved every time (a ``stat``). For an image with a state (see
+    :func:`image_state`) a remembered resolution is handed out again while the state
+    holds, and, for a store file, while each file of its entry keeps the settled identity
+    it had when it was looked up, for at most :data:`REFRESH_SECONDS`.
+
+    Examples
+    --------
+    >>> import os, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'anatomical.nii')
+    >>> img = nib.load(path)
+    >>> resolve_memoised(img).path == resolve_memoised(img).path == path
+    True
+    >>> img.affine[0, 3] += 1
+    >>> resolve_memoised(img, store=Store(tempfile.mkdtemp())).action
+    'written'
+    """
+    if isinstance(value, (str, os.PathLike)):
+        return resolve(value, formats=formats, store=store)
+    accepted = normalise_formats(formats)
+    return _remember(
+        value,
+        ('resolve', accepted, _store_marker(store)),
+        lambda: resolve(value, formats=accepted, store=store),
+        _entry_check,
+    )
