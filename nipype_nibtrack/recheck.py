@@ -1,28 +1,32 @@
-"""Re-checking a clean verdict for the cost of opening the image's files.
+"""What an answer about an image rests on, and re-checking it for the cost of opening files.
 
-A full check compares the image with a reference of its files (see :mod:`.rules`). When
-it finds a NIfTI/Analyze image clean, a :class:`Memo` keeps what that verdict rested on:
+Two memos of the package keep an answer for as long as what it was computed from holds:
+a remembered clean verdict (:class:`Memo`, used by :mod:`.rules`) and the state of an
+image (:class:`~nipype_nibtrack.state.ImageState`, whose answers the workflow layers
+reuse). Both rest on the same two sides, defined here once:
 
-- the image's side, read from the image in about a microsecond: header bytes, affine
-  bytes, dtype alias, the data object (identity and every read parameter), file names,
-  and that it holds no data cache and no NIfTI extensions;
-- the files' side: each file's identity and the raw bytes holding the header (for a
-  ``.nii``, everything up to the data offset; for a ``.nii.gz``, the compressed bytes
-  that decompress to it, so nothing is decompressed), read again at every check
-  through one ``open``, ``fstat`` and ``pread`` per file.
+- the image's side, :func:`image_key`, read from the image in about a microsecond:
+  header class, dtype and bytes, NIfTI extension bytes, affine bytes, dtype alias, the
+  data object (identity and every read parameter) and file names, for an image that
+  holds no data cache;
+- the files' side, :func:`read_files`: per file ``(path, identity, number of header
+  bytes, those bytes)`` -- for a ``.nii``, everything up to the data offset; for a
+  ``.nii.gz``, the compressed bytes that decompress to it, so nothing is decompressed --
+  read again at every check by :func:`files_unchanged` through one ``open``, ``fstat``
+  and ``pread`` per file.
 
-If everything is equal the verdict still holds: the reference is a pure function of the
-header bytes (and the ``.mat``), and an image without a data cache reads its voxels from
-the file, as a tool does. This holds for files younger than the racy window too: a
-same-size rewrite within one clock tick that changes the header changes these bytes.
-Anything else, or any difference, falls back to the full check.
+For a clean verdict, if everything is equal the verdict still holds: the reference is a
+pure function of the header bytes (and the ``.mat``), and an image without a data cache
+reads its voxels from the file, as a tool does. This holds for files younger than the
+racy window too: a same-size rewrite within one clock tick that changes the header
+changes these bytes. Anything else, or any difference, falls back to the full check.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from operator import attrgetter
 from types import MappingProxyType
@@ -33,8 +37,17 @@ from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 
 from .fileid import FileId
+from .snapshot import extension_bytes
 
-__all__ = ['Memo', 'files_unchanged', 'image_key', 'memo_for', 'still_clean']
+__all__ = [
+    'FileSide',
+    'Memo',
+    'files_unchanged',
+    'image_key',
+    'memo_for',
+    'read_files',
+    'still_clean',
+]
 
 _GZIP = ('.gz',)
 _NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place, type
@@ -43,12 +56,19 @@ _OPEN_FLAGS = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
 _open, _fstat, _pread, _close = os.open, os.fstat, os.pread, os.close
 
 
+#: One file of the files' side: ``(path, identity, number of header bytes, those bytes)``.
+#: The identity is ``(st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns)`` of the opened
+#: file, or None when the file is missing; the number of bytes is 0 for none, -1 for the
+#: whole file (see :func:`read_files`).
+FileSide = tuple[str, 'tuple[int, int, int, int, int] | None', int, bytes]
+
+
 @dataclass(frozen=True)
 class Memo:
     """What a clean verdict rested on; see the module docstring."""
 
-    image: tuple
-    files: tuple  # ((path, FileId, number of bytes re-read, those bytes), ...)
+    image: tuple  # image_key(img)
+    files: tuple[FileSide, ...]
     handed: str  # the path handed out for the image's own file
     ids: Mapping  # {path: FileId}, read-only: every verdict it gives shares it
 
@@ -57,12 +77,16 @@ class Memo:
 
 
 def image_key(img: Any) -> tuple | None:
-    """The image's side of a verdict, or None when the image is not a simple case.
+    """The image's side of an answer, or None when the image is not a simple case.
 
     Everything a default load of the file decides and an edit can change: the header's
-    class, dtype and bytes, the affine, the dtype alias, the data object (identity and
-    every read parameter) and the file map's names. Built from C-level accessors in
-    about a microsecond: it is taken again at every recheck.
+    class, dtype (byte order and layout) and bytes, its NIfTI extensions as written, the
+    affine, the dtype alias, the data object (identity and every read parameter) and
+    the file map's names and file objects. Built from C-level accessors in about a
+    microsecond: it is taken again at every check. None for anything but a
+    NIfTI/Analyze image reading its voxels through an :class:`ArrayProxy` by absolute
+    name, without a held file, a data cache (editable in place without a trace) or an
+    affine of None.
 
     >>> import numpy as np, nibabel as nib
     >>> image_key(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None  # no proxy
@@ -72,18 +96,17 @@ def image_key(img: Any) -> tuple | None:
         return None
     dataobj = img._dataobj
     if type(dataobj) is not ArrayProxy or dataobj._persist_opener:
-        return None  # arrays, held files: the full check
+        return None  # arrays (editable in place), held files: the full check
     file_like = dataobj.file_like
+    # os.path.isabs on POSIX (os.pread, used below, is POSIX-only) without its frames
     if not isinstance(file_like, str) or file_like[:1] != os.sep:
         return None  # a relative name reads elsewhere after a chdir
     if img._fdata_cache is not None or img._data_cache is not None:
-        return None
-    header = img._header
-    if getattr(header, 'extensions', None):
-        return None
+        return None  # a cache can be edited in place without a trace
     affine = img._affine
     if affine is None:
-        return None
+        return None  # the header decides the affine: not a default load's state
+    header = img._header
     structarr = header._structarr
     file_map = img.file_map
     return (
@@ -91,6 +114,7 @@ def image_key(img: Any) -> tuple | None:
         type(header),
         structarr.dtype,  # the byte order and layout the bytes are read with
         structarr.tobytes(),  # what binaryblock returns, without the checks
+        extension_bytes(header) if getattr(header, 'extensions', None) else b'',
         affine.dtype,
         affine.shape,
         affine.tobytes(),
@@ -119,7 +143,8 @@ def _header_length(head: bytes) -> int | None:
             # at least the extender bytes after the header, which flag extensions
             if np.isfinite(offset) and size + 4 <= offset <= _MAX_REGION:
                 return int(offset)
-            return size + 4
+            # no extensions: the extender bytes hold all there is; else they lie beyond
+            return size + 4 if head[size : size + 1] == b'\x00' else None
     return None
 
 
@@ -175,22 +200,55 @@ def _read(path: str, length: int) -> tuple[Any, bytes]:
         _close(fd)
 
 
-def memo_for(img: Any, paths: dict[str, str], handed: str) -> Memo | None:
-    """What a clean verdict on ``img`` rests on now; None when not a simple case."""
-    key = image_key(img)
-    if key is None:
-        return None
-    files = []
-    for name, path in sorted(paths.items()):
-        length = _region(path, name, img) if os.path.exists(path) else 0
+def read_files(img: Any, files: Iterable[tuple[str, str]]) -> tuple[FileSide, ...] | None:
+    """The files' side of an answer about ``img``: one :data:`FileSide` per file.
+
+    Parameters
+    ----------
+    img : nibabel image
+        The NIfTI/Analyze image the files belong to (it tells a pair from a single file).
+    files : iterable of (str, str)
+        ``(file map key, absolute path)`` per file, in the order to keep.
+
+    Returns
+    -------
+    tuple of FileSide, or None
+        None when a file cannot be read, or where its header ends cannot be told cheaply.
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> img = nib.load(os.path.join(data_path, 'anatomical.nii'))
+    >>> (side,) = read_files(img, [('image', img.get_filename())])
+    >>> side[2], files_unchanged((side,))  # the bytes up to the data offset, unchanged
+    (352, True)
+    """
+    sides = []
+    for key, path in files:
+        try:
+            length = _region(path, key, img) if os.path.exists(path) else 0
+        except OSError:  # unreadable, or gone since: no memo
+            return None
         if length is None:
             return None
         ident, data = _read(path, length)
         if not isinstance(ident, (tuple, type(None))):
             return None
-        files.append((path, ident, length, data))
+        sides.append((path, ident, length, data))
+    return tuple(sides)
+
+
+def memo_for(img: Any, paths: dict[str, str], handed: str) -> Memo | None:
+    """What a clean verdict on ``img`` rests on now; None when not a simple case."""
+    key = image_key(img)
+    if key is None:
+        return None
+    files = read_files(img, sorted(paths.items()))
+    if files is None:
+        return None
     ids = {path: None if i is None else FileId(*i) for path, i, _, _ in files}
-    return Memo(key, tuple(files), handed, MappingProxyType(ids))
+    return Memo(key, files, handed, MappingProxyType(ids))
 
 
 def still_clean(img: Any, memo: Memo) -> Mapping[str, FileId] | None:
@@ -199,19 +257,19 @@ def still_clean(img: Any, memo: Memo) -> Mapping[str, FileId] | None:
     The image is compared first and the files last (:func:`files_unchanged`), so the
     identities returned are the files' at the end of the check.
     """
-    if image_key(img) != memo.image or not files_unchanged(memo):
+    if image_key(img) != memo.image or not files_unchanged(memo.files):
         return None
     return memo.ids
 
 
-def files_unchanged(memo: Memo) -> bool:
-    """True when every file still has the identity and header bytes ``memo`` rests on.
+def files_unchanged(files: tuple[FileSide, ...]) -> bool:
+    """True when every file still has the identity and header bytes it had in ``files``.
 
-    One ``open``, ``fstat`` and ``pread`` per file (inline rather than through
-    :func:`_read`: this is the clean path's floor). The identity is the opened file's,
-    so the bytes compared belong to it.
+    ``files`` as :func:`read_files` gave it. One ``open``, ``fstat`` and ``pread`` per
+    file (inline rather than through :func:`_read`: this is the clean path's floor). The
+    identity is the opened file's, so the bytes compared belong to it.
     """
-    for path, ident, length, data in memo.files:
+    for path, ident, length, data in files:
         try:
             fd = _open(path, _OPEN_FLAGS)
         except FileNotFoundError:

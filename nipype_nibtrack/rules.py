@@ -423,7 +423,7 @@ class Cleanliness(NamedTuple):  # a tuple: built in a fraction of a frozen datac
         False
         """
         if self.pending is not None:
-            return files_unchanged(self.pending)
+            return files_unchanged(self.pending.files)
         for path, ident in self.ids.items():  # inline: this is the hand-out's one stat
             try:
                 st = os.stat(path)

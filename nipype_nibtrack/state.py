@@ -7,15 +7,17 @@ cleanliness check, and for a dirty image a digest, a plan and a store lookup. Th
 answers depend only on what the image holds and on the files it reads, so they are
 remembered per image *and its state*:
 
-- the image's side, read from the image in about a microsecond: class, header bytes
-  (byte order and NIfTI extensions included), affine bytes, dtype alias, the data
-  object itself (an identity: a new proxy is a new state) with every read parameter,
-  the file map's names and file objects, and the provenance record (binding, load
-  keywords, ``mark_clean`` baseline, ``mark_dirty``);
-- the files' side: the identity of every file the image depends on and the raw bytes
-  holding its header (a header rewritten through a shared memory map moves neither
-  size nor timestamps), read again at each check with one ``open``, ``fstat`` and
-  ``pread`` per file.
+- the image's side, :func:`~nipype_nibtrack.recheck.image_key` (the same one a
+  remembered clean verdict rests on), read from the image in about a microsecond:
+  class, header bytes (byte order and NIfTI extensions included), affine bytes, dtype
+  alias, the data object itself (an identity: a new proxy is a new state) with every
+  read parameter, the file map's names and file objects; and the provenance record
+  (binding, load keywords, ``mark_clean`` baseline, ``mark_dirty``);
+- the files' side, :func:`~nipype_nibtrack.recheck.read_files`: the identity of every
+  file the image depends on and the raw bytes holding its header (a header rewritten
+  through a shared memory map moves neither size nor timestamps), read again at each
+  check by :func:`~nipype_nibtrack.recheck.files_unchanged` with one ``open``,
+  ``fstat`` and ``pread`` per file.
 
 A state is only given for an image that holds no data cache and reads its voxels by
 absolute name from NIfTI/Analyze files whose identities have *settled* (see
@@ -43,15 +45,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from nibabel.analyze import AnalyzeImage
-from nibabel.arrayproxy import ArrayProxy
-
 from .fileid import FileId, path_id
 from .provenance import binding_of, file_paths, record_of, source_files
-from .recheck import _read, _region
+from .recheck import files_unchanged, image_key, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
 from .rules import is_dirty
-from .snapshot import extension_bytes
 from .store import ENV_VAR, Store, chosen_store
 
 __all__ = [
@@ -66,41 +64,6 @@ __all__ = [
 #: A store file remembered for an image is looked up in full again after this long
 #: (seconds): far below the grace period of :meth:`Store.gc`, which the lookup renews.
 REFRESH_SECONDS = 60.0
-
-
-def _image_side(img: Any) -> tuple | None:
-    """What the image holds apart from its files' bytes, or None when not simple."""
-    if not isinstance(img, AnalyzeImage):
-        return None
-    dataobj = img._dataobj
-    if type(dataobj) is not ArrayProxy or dataobj._persist_opener:
-        return None  # arrays (editable in place), held files
-    file_like = dataobj.file_like
-    if not isinstance(file_like, str) or not os.path.isabs(file_like):
-        return None  # a relative name reads elsewhere after a chdir
-    if img._fdata_cache is not None or img._data_cache is not None:
-        return None  # a cache can be edited in place without a trace
-    header = img._header
-    structarr = header._structarr
-    affine = img._affine
-    return (
-        type(img),
-        type(header),
-        structarr.dtype.str,
-        structarr.tobytes(),
-        extension_bytes(header),
-        None if affine is None else (affine.dtype.str, affine.shape, affine.tobytes()),
-        getattr(img, '_dtype_alias', None),
-        dataobj,
-        file_like,
-        dataobj._shape,
-        dataobj._dtype,
-        dataobj._offset,
-        dataobj._slope,
-        dataobj._inter,
-        dataobj.order,
-        tuple((key, holder.filename, holder.fileobj) for key, holder in img.file_map.items()),
-    )
 
 
 def _record_side(img: Any) -> tuple | None:
@@ -124,7 +87,9 @@ def _record_side(img: Any) -> tuple | None:
 class ImageState:
     """One state of an image: see the module docstring.
 
-    ``files`` holds, per file, ``(path, identity, number of header bytes, those bytes)``.
+    ``image`` is :func:`~nipype_nibtrack.recheck.image_key`, ``files`` the files' side
+    as :func:`~nipype_nibtrack.recheck.read_files` gives it: per file ``(path,
+    identity, number of header bytes, those bytes)``.
     """
 
     image: tuple
@@ -147,9 +112,9 @@ class ImageState:
         >>> state.holds(img)
         False
         """
-        if _image_side(img) != self.image or _record_side(img) != self.record:
+        if image_key(img) != self.image or _record_side(img) != self.record:
             return False
-        return all(_read(path, n) == (ident, head) for path, ident, n, head in self.files)
+        return files_unchanged(self.files)
 
 
 def image_state(img: Any) -> ImageState | None:
@@ -179,20 +144,17 @@ def image_state(img: Any) -> ImageState | None:
             return None
     except (AttributeError, TypeError):
         return None
-    image = _image_side(img)
+    image = image_key(img)
     if image is None:
         return None
     keys = {path: key for key, path in (file_paths(img) or {}).items()}
-    files = []
-    for path in source_files(img):
-        length = _region(path, keys.get(path, 'image'), img) if os.path.exists(path) else 0
-        if length is None:
-            return None
-        ident, head = _read(path, length)
-        if ident is not None and not (isinstance(ident, tuple) and FileId(*ident).settled()):
-            return None  # unreadable, or young: a same-size rewrite could hide in a tick
-        files.append((path, ident, length, head))
-    return ImageState(image, _record_side(img), tuple(files))
+    files = read_files(img, [(keys.get(path, 'image'), path) for path in source_files(img)])
+    if files is None:
+        return None
+    for _, ident, _, _ in files:
+        if ident is not None and not FileId(*ident).settled():
+            return None  # young: a same-size rewrite of the data could hide in a tick
+    return ImageState(image, _record_side(img), files)
 
 
 # ------------------------------------------------------------ remembered answers

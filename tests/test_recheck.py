@@ -16,6 +16,7 @@ import pickle
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import nipype_nibtrack as nt
-from nipype_nibtrack.fileid import FileId, path_id
+from nipype_nibtrack.fileid import RACY_NS, FileId, path_id
 from nipype_nibtrack.provenance import record_of
 from nipype_nibtrack.recheck import image_key, still_clean
 from nipype_nibtrack.rules import cleanliness
@@ -96,6 +97,84 @@ def test_another_header_class_with_the_same_bytes_is_not_the_remembered_header(t
     other = Other(img.header.binaryblock)
     img._header = other
     assert image_key(img) != record_of(img).verdict.image  # the full check decides
+
+
+# ------------------------------------ one side for both memos (clean verdicts, image states)
+
+
+def _settled_and_remembered(kind: str, folder: Path) -> tuple[Any, Path]:
+    """A clean image whose verdict is remembered and which has a state (settled files)."""
+    path, _ = _write(kind, folder)
+    time.sleep(RACY_NS / 1e9 + 0.05)
+    img = _clean_and_remembered(path)
+    assert nt.image_state(img) is not None, 'no state: the test would prove nothing'
+    return img, path
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_an_image_state_and_a_clean_verdict_rest_on_the_same_sides(kind, tmp_path):
+    img, _ = _settled_and_remembered(kind, tmp_path)
+    memo, state = record_of(img).verdict, nt.image_state(img)
+    assert state.image == memo.image == image_key(img)
+    assert sorted(state.files) == sorted(memo.files)
+
+
+@pytest.mark.parametrize('kind', KINDS)
+def test_a_remembered_answer_sees_the_header_read_in_the_other_byte_order(kind, tmp_path):
+    """The state's side kept ``dtype.str`` of the header struct ('|V348' either way): a
+    byte-swapped view of the same bytes kept a remembered "clean" (weaker than the
+    clean verdict's key; fails on 674948c)."""
+    img, _ = _settled_and_remembered(kind, tmp_path)
+    assert nt.is_dirty_memoised(img) is False
+    nt.check_image_memoised(img, ['.nii'] if kind != 'pair' else ['.img'])
+    header = img.header
+    header._structarr = header._structarr.view(header._structarr.dtype.newbyteorder())
+    assert nt.is_dirty(img)
+    assert nt.is_dirty_memoised(img)
+
+
+def test_a_clean_verdict_with_extensions_is_remembered_and_sees_them_edited(tmp_path):
+    """Extensions are in the image's side as written: a verdict on an image that has
+    some is remembered, and every edit of them, in place too, defeats it."""
+    path = tmp_path / 'ext.nii'
+    img = nib.Nifti1Image(np.arange(60, dtype=np.int16).reshape(3, 4, 5), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension('comment', b'first'))
+    nib.save(img, path)
+    for edit in (
+        lambda ext: ext.__setitem__(0, nib.nifti1.Nifti1Extension('comment', b'other')),
+        lambda ext: setattr(ext[0], '_raw', b'firsT'),  # same size, in place
+        lambda ext: setattr(ext[0], 'code', 4),
+        lambda ext: ext.append(nib.nifti1.Nifti1Extension('comment', b'more')),
+        lambda ext: ext.clear(),
+    ):
+        img = _clean_and_remembered(path)
+        assert nt.as_filename(img) == str(path)  # the recheck
+        edit(img.header.extensions)
+        assert image_key(img) != record_of(img).verdict.image
+        assert nt.is_dirty(img)
+        assert nt.as_filename(img) != str(path)
+
+
+def test_extensions_beyond_the_bytes_re_read_are_not_remembered(tmp_path):
+    """Extensions run up to the data offset; past what is re-read cheaply (16 MiB) the
+    bytes re-read would not hold them all: no remembered verdict."""
+    path = tmp_path / 'far.nii'
+    img = nib.Nifti1Image(np.zeros((2, 2, 2), np.int16), np.eye(4))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension('comment', b'x' * (1 << 24)))
+    nib.save(img, path)
+    img = nt.load(path)
+    assert len(img.header.extensions) == 1
+    assert nt.as_filename(img) == str(path)
+    assert record_of(img).verdict is None
+
+
+def test_an_image_whose_affine_is_none_has_no_state(tmp_path):
+    """Neither memo keeps an image whose affine the header decides (the clean verdict
+    never did; the state now refuses it too)."""
+    img, _ = _settled_and_remembered('nii', tmp_path)
+    img._affine = None
+    assert image_key(img) is None
+    assert nt.image_state(img) is None
 
 
 _SHIFT = np.zeros((4, 4))
