@@ -39,3 +39,51 @@ def test_a_record_digest_ignores_padding_and_the_kernel(monkeypatch, dtype, layo
             monkeypatch.setattr(digest, '_kernel', kernel)
             digests.add((digest.array_digest(arr, 'F'), digest.array_digest(arr, 'C')))
     assert len(digests) == 1
+
+
+# --------------------------------------------------------------------------- the store
+
+import os  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+
+import nipype_nibtrack as nt  # noqa: E402
+from nipype_nibtrack import store as store_module  # noqa: E402
+from nipype_nibtrack.store import Store  # noqa: E402
+
+
+def _flip_last_voxel_keeping_times(path: str) -> None:
+    """A tool editing its input in the store in place and setting its times back."""
+    st = os.stat(path)
+    with open(path, 'r+b') as f:
+        f.seek(-1, os.SEEK_END)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.img'])
+def test_a_large_entry_edited_with_its_mtime_set_back_is_never_handed_out(tmp_path, ext):
+    # Files above verify_max_bytes were trusted by (inode, mtime), which os.utime sets back
+    store = Store(tmp_path / 'store', verify_max_bytes=1000)
+    data = np.arange(4000, dtype='f4').reshape(10, 20, 20)
+    img = nib.Nifti1Image(data, np.eye(4))
+    path = nt.as_filename(img, formats=[ext], store=store)
+    _flip_last_voxel_keeping_times(path)
+    again = nt.as_filename(img, formats=[ext], store=store)
+    assert np.array_equal(np.asanyarray(nib.load(again).dataobj), data)
+
+
+def test_a_large_untouched_entry_is_still_trusted_without_reading_it(tmp_path, monkeypatch):
+    # the seal must record the ctime the file keeps, else every large reuse re-hashes
+    store = Store(tmp_path / 'store', verify_max_bytes=1000)
+    img = nib.Nifti1Image(np.arange(4000, dtype='f4').reshape(10, 20, 20), np.eye(4))
+    path = nt.as_filename(img, store=store)
+    hashed = []
+    real = store_module._file_xxh3
+    monkeypatch.setattr(store_module, '_file_xxh3', lambda *a: hashed.append(a) or real(*a))
+    assert store.lookup(nt.image_digest(img), os.path.basename(path)) == Path(path)
+    assert hashed == []
