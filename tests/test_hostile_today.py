@@ -87,3 +87,62 @@ def test_a_large_untouched_entry_is_still_trusted_without_reading_it(tmp_path, m
     monkeypatch.setattr(store_module, '_file_xxh3', lambda *a: hashed.append(a) or real(*a))
     assert store.lookup(nt.image_digest(img), os.path.basename(path)) == Path(path)
     assert hashed == []
+
+
+# --------------------------------------------------------------------------- the walker
+
+
+def key_total(x):
+    """Sum of the voxels of every image key of the dict ``x`` (run by a Function node)."""
+    keys = [k for key in x for k in (key if isinstance(key, tuple) else (key,))]
+    return float(sum(k.get_fdata().sum() for k in keys if hasattr(k, 'dataobj')))
+
+
+def _key_node(value, base_dir):
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    node = pe.Node(
+        Function(input_names=['x'], output_names=['total'], function=key_total),
+        name='keys',
+        base_dir=str(base_dir),
+    )
+    node.inputs.x = value
+    return node
+
+
+KEYED = {
+    'image key': lambda img, other: {img: 1},
+    'two image keys': lambda img, other: {img: 1, other: 2},
+    'tuple key': lambda img, other: {(img, 'T1'): 'x'},
+    'nested': lambda img, other: {'inner': {img: 1}},
+}
+
+
+@pytest.mark.parametrize('kind', list(KEYED))
+def test_an_edit_of_an_image_used_as_a_dict_key_reruns_the_node(kind, tmp_path):
+    # nipype walks a dict's values and takes its keys as text: an image key hashed as
+    # its address, so an edit kept the hash and the cache served the result from before
+    img = nib.Nifti1Image(np.zeros((3, 3, 3), 'f4'), np.eye(4))
+    other = nib.Nifti1Image(np.zeros((3, 3, 3), 'f4'), np.eye(4))
+    value = KEYED[kind](img, other)
+    node = _key_node(value, tmp_path)
+    before = node.inputs.get_hashval()[1]
+    if kind != 'nested':
+        assert node.run().outputs.total == 0
+    img.get_fdata()[1, 1, 1] = 5
+    assert _key_node(value, tmp_path).inputs.get_hashval()[1] != before
+    if kind != 'nested':
+        assert _key_node(value, tmp_path).run().outputs.total == 5
+
+
+def test_a_dict_keyed_by_images_hashes_as_their_files(tmp_path):
+    path = str(tmp_path / 'a.nii')
+    nib.save(nib.Nifti1Image(np.zeros((3, 3, 3), 'f4'), np.eye(4)), path)
+    other = str(tmp_path / 'b.nii')
+    nib.save(nib.Nifti1Image(np.ones((3, 3, 3), 'f4'), np.eye(4)), other)
+    hashes = [
+        _key_node({nt.load(name): 1}, tmp_path).inputs.get_hashval()[1]
+        for name in (path, path, other)
+    ]
+    assert hashes[0] == hashes[1] != hashes[2]
