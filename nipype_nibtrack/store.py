@@ -574,7 +574,7 @@ class Store:
         folder move ctime, so it is read after both. Best effort: a manifest left
         unsealed only makes its large files hashed again at first use.
         """
-        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
             entry_fd = self._entry_fd(digest, create=False)
             if entry_fd is None:
                 return
