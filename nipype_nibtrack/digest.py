@@ -8,6 +8,8 @@ Voxels are streamed in blocks, so no float64 copy of a proxy is ever made.
 
 from __future__ import annotations
 
+import functools
+import math
 import sys
 import threading
 import zlib
@@ -92,16 +94,63 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
         flat = _little(arr).reshape(-1, order='F').view(np.uint8)
         step = BLOCK_BYTES - BLOCK_BYTES % max(1, arr.dtype.itemsize)
         buffer = np.empty(min(step, flat.size), np.uint8) if copy else None
+        padding = _padding(arr.dtype)
+        if padding is not None:  # the padding is zeroed in a copy, never in the array
+            copy = True
+        buffer = np.empty(min(step, flat.size), np.uint8) if copy else None
         for start in range(0, flat.size, step):
             part = flat[start : start + step]
             if buffer is not None:  # one buffer, reused: no page faults per block
                 np.copyto(buffer[: part.size], part)
-                part = buffer[: part.size]
+                part = _zero_padding(buffer[: part.size], arr.dtype.itemsize, padding)
             yield part
         return
     buffer = np.empty(max(min(arr.nbytes, _GATHER_BYTES), arr.dtype.itemsize), np.uint8)
     for part in _slabs(arr, buffer.size):
-        yield _little_block(gather(part, buffer[: part.nbytes]), arr.dtype)
+        block = _little_block(gather(part, buffer[: part.nbytes]), arr.dtype)
+        yield _zero_padding(block, arr.dtype.itemsize, _padding(arr.dtype))
+
+
+@functools.lru_cache(maxsize=256)
+def _padding(dtype: np.dtype) -> np.ndarray | None:
+    """The offsets of the bytes of a ``dtype`` item that no field covers, or None.
+
+    Padding bytes of a record (``align=True``, explicit offsets) are no content: copies
+    leave them as they find them, so a digest that read them would depend on the path the
+    bytes took (compiled gather, numpy's copies, a byte swap). Digests hash them as zeros.
+
+    >>> import numpy as np
+    >>> _padding(np.dtype([('a', 'u1'), ('b', '<i2')], align=True)).tolist()
+    [1]
+    >>> _padding(np.dtype('<f4')) is None
+    True
+    """
+    if dtype.fields is None:
+        return None
+    covered = np.zeros(dtype.itemsize, bool)
+    _cover(dtype, 0, covered)
+    return None if covered.all() else np.flatnonzero(~covered)
+
+
+def _cover(dtype: np.dtype, offset: int, covered: np.ndarray) -> None:
+    """Mark the bytes of ``dtype`` at ``offset`` that hold a field's value."""
+    if dtype.subdtype is not None:
+        base, shape = dtype.subdtype
+        inner = np.zeros(base.itemsize, bool)
+        _cover(base, 0, inner)
+        covered[offset : offset + dtype.itemsize] |= np.tile(inner, math.prod(shape))
+    elif dtype.fields is not None:
+        for field in dtype.fields.values():
+            _cover(field[0], offset + field[1], covered)
+    else:
+        covered[offset : offset + dtype.itemsize] = True
+
+
+def _zero_padding(block: np.ndarray, itemsize: int, padding: np.ndarray | None) -> np.ndarray:
+    """``block`` (bytes of whole items, a buffer of ours) with its padding bytes zeroed."""
+    if padding is not None:
+        block.reshape(-1, itemsize)[:, padding] = 0
+    return block
 
 
 def _slabs(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:

@@ -494,7 +494,7 @@ class Store:
         fname: str,
         size: int,
         xxh3: tuple | None,
-        mark: tuple[int, int] | None = None,
+        mark: tuple[int, int, int | None] | None = None,
     ) -> str | None:
         st = _lstat(fname, dir_fd)
         if st is None:
@@ -504,9 +504,10 @@ class Store:
         if st.st_size != size:
             return f'{st.st_size} bytes instead of {size}'
         # A file too large to re-hash at every first use is trusted by its size only
-        # while it is the file written (same inode, same mtime): a tool that rewrote or
-        # replaced its input in the store, at the same size, is caught and re-hashed
-        untouched = mark is not None and (st.st_ino, st.st_mtime_ns) == mark
+        # while it is the file written (same inode, mtime and ctime; see _seal): a tool
+        # that rewrote or replaced its input in the store, at the same size, even with
+        # its mtime set back, is caught and re-hashed
+        untouched = mark is not None and (st.st_ino, st.st_mtime_ns, st.st_ctime_ns) == mark
         if xxh3 is None:
             return None if mark is None or untouched else 'rewritten since it was stored'
         if size > self.verify_max_bytes and untouched:
@@ -560,7 +561,48 @@ class Store:
                     name,
                     damage,
                 )
-            return self._write(digest, name, write), True
+            path = self._write(digest, name, write)
+            self._seal(digest, name)
+            return path, True
+
+    def _seal(self, digest: str, name: str) -> None:
+        """Add the files' final ctimes to the entry's manifest (``ctime``).
+
+        A large file is trusted without re-hashing only while it keeps the inode, mtime
+        and ctime it was stored with: mtime alone is the writer's to set back
+        (``os.utime``), ctime is not. Linking into the entry and removing the tmp
+        folder move ctime, so it is read after both. Best effort: a manifest left
+        unsealed only makes its large files hashed again at first use.
+        """
+        with contextlib.suppress(OSError, ValueError, TypeError, AttributeError, KeyError):
+            entry_fd = self._entry_fd(digest, create=False)
+            if entry_fd is None:
+                return
+            try:
+                manifest = _manifest_name(name)
+                fd = os.open(manifest, _O_READ, dir_fd=entry_fd)
+                try:
+                    data = json.loads(os.read(fd, _MANIFEST_MAX_BYTES))
+                finally:
+                    os.close(fd)
+                ctimes = {}
+                for fname, mark in data['written'].items():
+                    st = _lstat(fname, entry_fd)
+                    if st is not None and [st.st_ino, st.st_mtime_ns] == mark:
+                        ctimes[fname] = st.st_ctime_ns
+                data['ctime'] = ctimes
+                sealed = f'.{manifest}.sealing'
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(sealed, flags, 0o644, dir_fd=entry_fd)
+                try:
+                    view = memoryview(json.dumps(data).encode())
+                    while view:
+                        view = view[os.write(fd, view) :]
+                finally:
+                    os.close(fd)
+                os.replace(sealed, manifest, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+            finally:
+                os.close(entry_fd)
 
     def _write(self, digest: str, name: str, write: Callable[[Path], object]) -> Path:
         entry = self.entry_dir(digest)
@@ -828,7 +870,7 @@ def _read_manifest(entry_fd: int, name: str, digest: str) -> dict[str, tuple] | 
             return None
         data = json.loads(os.read(fd, _MANIFEST_MAX_BYTES))
         files, hashes, written = data['files'], data.get('xxh3', {}), data.get('written', {})
-        by_parts = data.get('parts', {})
+        by_parts, ctimes = data.get('parts', {}), data.get('ctime', {})
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
     finally:
@@ -840,7 +882,7 @@ def _read_manifest(entry_fd: int, name: str, digest: str) -> dict[str, tuple] | 
         # older than this field have keys made with another digest prefix, which no
         # digest of this version can equal: they are never reached.)
         return None
-    if not all(isinstance(d, dict) for d in (hashes, written, by_parts)):
+    if not all(isinstance(d, dict) for d in (hashes, written, by_parts, ctimes)):
         return None
     out = {}
     for fname, size in files.items():
@@ -861,7 +903,9 @@ def _read_manifest(entry_fd: int, name: str, digest: str) -> dict[str, tuple] | 
                 return None
             if not all(type(n) is int for n in mark):
                 return None
-            mark = tuple(mark)
+            # without the ctime sealed after publishing, the mark proves nothing
+            ctime = ctimes.get(fname)
+            mark = (*mark, ctime if type(ctime) is int else None)
         out[fname] = (size, tuple(claims) or None, mark)
     return out
 

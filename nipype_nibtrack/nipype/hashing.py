@@ -80,6 +80,20 @@ def _(value: Bunch) -> dict:
     return {'__Bunch__': dict(value.__dict__)}
 
 
+@_walkable.register
+def _(value: dict) -> dict | None:
+    # nipype walks a dict's values and enters each key as its text: an image key as its
+    # address. Keys holding images become items: [key, value] pairs in the order of
+    # what the keys stand for, and each key hashes as its file
+    if not any(next(iter_images(key), None) is not None for key in value):
+        return None
+
+    def key(pair: tuple) -> str:
+        return repr([_path_of(img) for img in iter_images(pair[0])]) + repr(pair[0])
+
+    return {f'__{type(value).__name__}__': sorted(value.items(), key=key)}
+
+
 def install() -> None:
     """Install the hashing hooks; calling it again changes nothing."""
     if getattr(BaseTraitedSpec._get_sorteddict, '_nibtrack', False):
@@ -98,7 +112,9 @@ def install() -> None:
             objekt = _path_of(objekt)
         else:
             walkable = _walkable(objekt)
-            if walkable is not None and next(iter_images(objekt), None) is not None:
+            if walkable is not None and (
+                isinstance(objekt, dict) or next(iter_images(objekt), None) is not None
+            ):
                 objekt = walkable
         return sorteddict(self, objekt, dictwithhash, hash_method, hash_files)
 
