@@ -1,0 +1,181 @@
+"""Hostile tests of the remembered answers (nipype_nibtrack.state) and the layers above.
+
+Each test first makes sure the memo is in use (settled files, the same answer handed out
+twice), then changes something the memo must notice, and checks what a tool reading the
+file handed out (or a real nipype node) sees against what the image holds.
+"""
+
+import json
+import multiprocessing
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from nipype.pipeline import engine as pe
+
+import nipype_nibtrack as nt
+from nipype_nibtrack import state
+from nipype_nibtrack.fileid import RACY_NS
+
+sys.path.insert(0, os.path.dirname(__file__))
+import nipype_fixtures as nf
+
+Summary = nt.accept_images(nf.Summary)
+FORMATS = ('.nii', '.nii.gz')
+
+
+def settle() -> None:
+    time.sleep(RACY_NS / 1e9 + 0.05)
+
+
+def write(path: Path | str, value: float) -> str:
+    data = np.full((4, 5, 6), value, 'f4')
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])), path)
+    return str(path)
+
+
+def remembered(img) -> nt.Resolution:
+    first = nt.resolve_memoised(img, formats=FORMATS)
+    assert nt.image_state(img) is not None, 'memo not in use: the test would prove nothing'
+    if nt.resolve_memoised(img, formats=FORMATS) is not first:
+        settle()  # a store entry just written is remembered once it has settled
+        first = nt.resolve_memoised(img, formats=FORMATS)
+    assert nt.resolve_memoised(img, formats=FORMATS) is first, 'memo not in use'
+    return first
+
+
+def run_summary(img, base: Path, plugin: str) -> dict:
+    wf = pe.Workflow('wf', base_dir=str(base))
+    wf.add_nodes([pe.Node(Summary(in_file=img), name='summary')])
+    wf.run(plugin=plugin, plugin_args={'n_procs': 2} if plugin == 'MultiProc' else {})
+    result = nf.loadpkl(Path(base, 'wf', 'summary', 'result_summary.pklz'))
+    return json.loads(result.outputs.summary)
+
+
+# -------------------------------------------- the memo vouches only for what it reads
+
+
+@pytest.mark.parametrize('plugin', ['Linear', 'MultiProc'])
+def test_a_clean_image_loaded_through_dotdot_is_never_handed_out_by_a_stale_name(
+    tmp_path, store, plugin
+):
+    """Loaded as ``link/../x.nii``, the kernel path ``<target's parent>/x.nii`` is handed
+    out while the state re-reads ``link/../x.nii``. Move the folder (the file keeps inode
+    and ctime), re-point the link, put another file where the folder was: the state
+    holds, the remembered name now holds other voxels. (The core's own verdict memo
+    refuses such loads; the state memo on top of it did not.)"""
+    root = Path(os.path.realpath(tmp_path))
+    (root / 'a' / 'sub').mkdir(parents=True)
+    write(root / 'a' / 'x.nii', 1.0)
+    link = root / 'link'
+    link.symlink_to(root / 'a' / 'sub')
+    settle()
+    img = nib.load(str(link / '..' / 'x.nii'))
+    assert nt.image_state(img) is not None
+    first = nt.resolve_memoised(img, formats=FORMATS)
+    assert first.action == 'original'
+    assert run_summary(img, root / 'work1', plugin) == json.loads(nf.summary_of(img))
+
+    (root / 'a').rename(root / 'b')
+    link.unlink()
+    link.symlink_to(root / 'b' / 'sub')
+    (root / 'a').mkdir()
+    write(root / 'a' / 'x.nii', 7.0)  # other voxels where the handed-out name points
+
+    handed = nt.resolve_memoised(img, formats=FORMATS).path
+    assert np.array_equal(nib.load(handed).get_fdata(), np.asarray(img.dataobj))
+    assert run_summary(img, root / 'work2', plugin) == json.loads(nf.summary_of(img))
+
+
+# ------------------------------------------------ answers belong to the very object
+
+
+class ContentEqualImage(nib.Nifti1Image):
+    """An image class comparing by file name: two loads of one file are 'equal'."""
+
+    def __eq__(self, other):
+        return isinstance(other, ContentEqualImage) and self.get_filename() == other.get_filename()
+
+    def __hash__(self):
+        return hash(self.get_filename())
+
+
+class ArrayEqualImage(nib.Nifti1Image):
+    """``==`` answers element-wise, like numpy (a dict cannot take its truth)."""
+
+    def __eq__(self, other):
+        return np.asarray(self.affine) == np.asarray(other.affine)
+
+    def __hash__(self):
+        return hash(self.get_filename())
+
+
+def test_equal_comparing_images_keep_their_own_answers(tmp_path, store):
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    one, two = ContentEqualImage.from_filename(path), ContentEqualImage.from_filename(path)
+    assert one == two and one is not two
+    one.header['descrip'] = b'one'
+    first = remembered(one)
+    two.header['descrip'] = b'two'
+    second = remembered(two)
+    assert nib.load(second.path).header['descrip'] == b'two'
+    # two's answers did not go into one's table (nor replace one's answer)
+    assert nt.resolve_memoised(one, formats=FORMATS) is first
+    del one
+    assert nt.resolve_memoised(two, formats=FORMATS) is second  # and did not die with one
+
+
+def test_an_image_whose_eq_has_no_truth_value_is_resolved(tmp_path, store):
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    one, two = ArrayEqualImage.from_filename(path), ArrayEqualImage.from_filename(path)
+    one.header['descrip'] = b'one'
+    two.header['descrip'] = b'two'
+    assert nt.resolve_memoised(one, formats=FORMATS).path == nt.resolve(one).path
+    assert nt.resolve_memoised(two, formats=FORMATS).path == nt.resolve(two).path
+    assert remembered(two).path != remembered(one).path
+
+
+# ------------------------------------------------------------------ fork with the memo
+
+
+def _resolve_in_child(img, out) -> None:
+    out.put(nt.resolve_memoised(img, formats=FORMATS).path)
+
+
+def test_a_forked_child_resolves_while_another_thread_held_the_memo_lock(tmp_path, store):
+    """fork() copies a lock held by another thread as held: the child's memo deadlocked."""
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    img = nib.load(path)
+    remembered(img)
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with state._lock:
+            held.set()
+            release.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait(10)
+    try:
+        ctx = multiprocessing.get_context('fork')
+        out = ctx.Queue()
+        child = ctx.Process(target=_resolve_in_child, args=(img, out))
+        child.start()
+        child.join(20)
+        alive = child.is_alive()
+        if alive:
+            child.kill()
+        assert not alive, 'the forked child hung on the memo lock'
+        assert out.get(timeout=5) == path
+    finally:
+        release.set()
+        thread.join()
