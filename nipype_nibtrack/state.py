@@ -7,7 +7,8 @@ cleanliness check, and for a dirty image a digest, a plan and a store lookup. Th
 answers depend only on what the image holds and on the files it reads, so they are
 remembered per image *and its state*:
 
-- the image's side, read from the image in about a microsecond: class, header bytes
+- the image's side, read from the image in about a microsecond: class (and the
+  cleanliness rule registered for it), header bytes
   (byte order and NIfTI extensions included), affine bytes, dtype alias, the data
   object itself (an identity: a new proxy is a new state) with every read parameter,
   the file map's names and file objects, and the provenance record (binding, load
@@ -52,7 +53,7 @@ from .fileid import FileId, path_id
 from .provenance import binding_of, file_paths, record_of, source_files
 from .recheck import _read, _region
 from .resolve import Resolution, check_image, normalise_formats, resolve
-from .rules import is_dirty
+from .rules import cleanliness_rule, is_dirty
 from .snapshot import extension_bytes
 from .store import ENV_VAR, Store, chosen_store
 
@@ -87,6 +88,8 @@ def _image_side(img: Any) -> tuple | None:
     affine = img._affine
     return (
         type(img),
+        # the rule deciding clean or dirty: one registered later must win over answers
+        cleanliness_rule.dispatch(type(img)),
         type(header),
         structarr.dtype.str,
         structarr.tobytes(),

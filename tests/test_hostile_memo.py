@@ -179,3 +179,25 @@ def test_a_forked_child_resolves_while_another_thread_held_the_memo_lock(tmp_pat
     finally:
         release.set()
         thread.join()
+
+
+# ------------------------------------------------ answers outliving what decided them
+
+
+class LaterRuled(nib.Nifti1Image):
+    """A class whose cleanliness rule is registered after answers were remembered."""
+
+
+def test_a_cleanliness_rule_registered_later_wins_over_remembered_answers(tmp_path, store):
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    img = LaterRuled.from_filename(path)
+    assert remembered(img).action == 'original'
+    assert nt.is_dirty_memoised(img) is False
+    nt.check_image_memoised(img, FORMATS)
+
+    nt.cleanliness_rule.register(LaterRuled, lambda img, record: 'this class is never clean')
+    assert nt.is_dirty(img) and nt.is_dirty_memoised(img)
+    handed = nt.resolve_memoised(img, formats=FORMATS)
+    assert handed.action == 'written' and handed.path != path
+    assert handed.reason == nt.resolve(img).reason == 'this class is never clean'
