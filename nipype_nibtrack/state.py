@@ -91,10 +91,11 @@ def _image_side(img: Any) -> tuple | None:
         # the rule deciding clean or dirty: one registered later must win over answers
         cleanliness_rule.dispatch(type(img)),
         type(header),
-        structarr.dtype.str,
+        # the dtype itself: a structured dtype's .str ('|V348') has no byte order
+        structarr.dtype,
         structarr.tobytes(),
         extension_bytes(header),
-        None if affine is None else (affine.dtype.str, affine.shape, affine.tobytes()),
+        None if affine is None else (affine.dtype, affine.shape, affine.tobytes()),
         getattr(img, '_dtype_alias', None),
         dataobj,
         file_like,
