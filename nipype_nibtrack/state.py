@@ -29,7 +29,8 @@ no state, and each question is answered in full every time.
 Answers live beside the image in a table keyed by the object itself (a weak reference,
 never the class's ``__eq__``/``__hash__``): a copy, a pickle, an equal image, or a new
 image that happens to get a freed image's ``id()`` starts with none. An answer is kept only
-when the state was the same before and after it was computed, and the image's own file
+when no other thread was running (it could edit the image and restore it meanwhile) and
+the state was the same before and after it was computed, and the image's own file
 only when it is handed out by a name the state reads. A store file handed out
 is checked again (a ``stat`` of each file of its entry, which must be the settled
 identities it had when looked up) and looked up in full at least every
@@ -271,7 +272,12 @@ def _remember(
     known = _recall(img, question)
     if known is not _MISSING:
         return known
-    before = image_state(img)
+    # Only while no other thread runs: one could edit the image and restore it while
+    # the answer is computed (A -> B -> A), and B's answer would be kept for A, long
+    # after the edits stopped. Threads started by ``compute`` (the core's writer) do not
+    # edit images. Answers are still recalled from any thread: a recall checks the state.
+    alone = threading.active_count() == 1
+    before = image_state(img) if alone else None
     value = compute()
     check = valid(value, before) if before is not None else None
     if check is not None and before.holds(img):  # the same state before and after

@@ -331,3 +331,48 @@ def test_the_state_memo_agrees_with_a_full_resolve_after_any_edits(settled_pair,
             assert _memo(img) == _memo(img) == _full(img), group
     finally:
         nt.set_store(None)
+
+
+# ------------------------------------------------------- threads editing meanwhile
+
+
+def test_an_answer_computed_while_another_thread_edits_and_restores_is_not_kept(tmp_path):
+    """Thread T flips descrip A -> B -> A while the main thread resolves: an answer
+    computed on B with the state A before and after was kept for A, and served after
+    the edits had stopped (a store file with B's header for an image holding A)."""
+    store = Store(tmp_path / 'store')
+    path = str(tmp_path / 'x.nii')
+    data = np.random.default_rng(0).random((40, 40, 40)).astype('f4')
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    img = nib.load(path)
+    for label in (b'B', b'A'):  # both store entries exist and settle
+        img.header['descrip'] = label
+        nt.resolve(img, store=store)
+    settle()
+    single = nt.resolve_memoised(img, store=store)
+    assert nt.resolve_memoised(img, store=store) is single  # memo in use, one thread
+
+    for _ in range(8):
+        stop = threading.Event()
+
+        def flip(stop=stop) -> None:
+            header = img.header
+            while not stop.is_set():
+                header['descrip'] = b'B'
+                time.sleep(1e-4)
+                header['descrip'] = b'A'
+                time.sleep(1e-4)
+
+        thread = threading.Thread(target=flip)
+        thread.start()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            with contextlib.suppress(ValueError, TypeError):
+                nt.resolve_memoised(img, store=store)
+        stop.set()
+        thread.join()
+        for label in (b'A', b'B'):  # quiet now: what is handed out holds the image
+            img.header['descrip'] = label
+            handed = nt.resolve_memoised(img, store=store)
+            assert nib.load(handed.path).header['descrip'] == label
+            assert handed.path == nt.resolve(img, store=store).path
