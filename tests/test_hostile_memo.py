@@ -376,3 +376,38 @@ def test_an_answer_computed_while_another_thread_edits_and_restores_is_not_kept(
             handed = nt.resolve_memoised(img, store=store)
             assert nib.load(handed.path).header['descrip'] == label
             assert handed.path == nt.resolve(img, store=store).path
+
+
+def test_a_clean_verdict_checked_while_another_thread_edits_and_restores_is_not_kept(tmp_path):
+    """The core's own verdict memo (rules.cleanliness) had the same A -> B -> A hole:
+    a 'clean' verdict computed while the header was back at the file's value was filed
+    under the edited header, and the edited image then resolved to its own file."""
+    path = str(tmp_path / 'x.nii')
+    data = np.random.default_rng(0).random((20, 20, 20)).astype('f4')
+    nib.save(nib.Nifti1Image(data, np.eye(4)), path)
+    settle()
+    img = nib.load(path)
+    assert not nt.is_dirty(img)
+    for _ in range(8):
+        stop = threading.Event()
+
+        def flip(stop=stop) -> None:
+            header = img.header
+            while not stop.is_set():
+                header['descrip'] = b'edited'
+                time.sleep(1e-5)
+                header['descrip'] = b''  # the file's value
+                time.sleep(1e-5)
+
+        thread = threading.Thread(target=flip)
+        thread.start()
+        end = time.monotonic() + 0.5
+        while time.monotonic() < end:
+            nt.is_dirty(img)
+        stop.set()
+        thread.join()
+        img.header['descrip'] = b'edited'
+        assert nt.is_dirty(img)
+        assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path
+        img.header['descrip'] = b''
+        assert not nt.is_dirty(img)
