@@ -14,6 +14,7 @@ identity.
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import singledispatch
@@ -484,8 +485,11 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             if ids is not None:  # nothing it rested on moved: a few system calls
                 return _new(Cleanliness, (None, ids, memo.handed, None))
     files = source_files(img)
+    # a verdict is remembered only while no other thread runs: one could edit the image
+    # and restore it during the check (A -> B -> A), filing B's "clean" under A
+    alone = threading.active_count() == 1
     for _ in range(3):
-        memo = _memo(img) if simple else None  # read before the check, compared after
+        memo = _memo(img) if simple and alone else None  # read before, compared after
         before = {path: path_id(path) for path in files}
         record = record_of(img)
         if record is not None and record.forced_dirty:

@@ -8,8 +8,8 @@ answers depend only on what the image holds and on the files it reads, so they a
 remembered per image *and its state*:
 
 - the image's side, :func:`~nipype_nibtrack.recheck.image_key` (the same one a
-  remembered clean verdict rests on), read from the image in about a microsecond:
-  class, header bytes (byte order and NIfTI extensions included), affine bytes, dtype
+  remembered clean verdict rests on) and the cleanliness rule registered for the
+  image's class, read from the image in about a microsecond: class, header bytes (byte order and NIfTI extensions included), affine bytes, dtype
   alias, the data object itself (an identity: a new proxy is a new state) with every
   read parameter, the file map's names and file objects; and the provenance record
   (binding, load keywords, ``mark_clean`` baseline, ``mark_dirty``);
@@ -27,9 +27,12 @@ image (an in-memory array, a filled ``get_fdata()`` cache, which can be edited i
 without a trace, a held file, another format, a file younger than the racy window) has
 no state, and each question is answered in full every time.
 
-Answers live beside the image in a weakly keyed table: a copy, a pickle, or a new image
-that happens to get a freed image's ``id()`` starts with none. An answer is kept only
-when the state was the same before and after it was computed. A store file handed out
+Answers live beside the image in a table keyed by the object itself (a weak reference,
+never the class's ``__eq__``/``__hash__``): a copy, a pickle, an equal image, or a new
+image that happens to get a freed image's ``id()`` starts with none. An answer is kept only
+when no other thread was running (it could edit the image and restore it meanwhile) and
+the state was the same before and after it was computed, and the image's own file
+only when it is handed out by a name the state reads. A store file handed out
 is checked again (a ``stat`` of each file of its entry, which must be the settled
 identities it had when looked up) and looked up in full at least every
 :data:`REFRESH_SECONDS`, which also refreshes its last use for :meth:`Store.gc`.
@@ -49,7 +52,7 @@ from .fileid import FileId, path_id
 from .provenance import binding_of, file_paths, record_of, source_files
 from .recheck import files_unchanged, image_key, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
-from .rules import is_dirty
+from .rules import cleanliness_rule, is_dirty
 from .store import ENV_VAR, Store, chosen_store
 
 __all__ = [
@@ -64,6 +67,13 @@ __all__ = [
 #: A store file remembered for an image is looked up in full again after this long
 #: (seconds): far below the grace period of :meth:`Store.gc`, which the lookup renews.
 REFRESH_SECONDS = 60.0
+
+
+def _image_side(img: Any) -> tuple | None:
+    """The image's side of a state: the rule deciding clean or dirty for its class (one
+    registered later must win over remembered answers) and :func:`image_key`."""
+    key = image_key(img)
+    return None if key is None else (cleanliness_rule.dispatch(type(img)), key)
 
 
 def _record_side(img: Any) -> tuple | None:
@@ -112,7 +122,7 @@ class ImageState:
         >>> state.holds(img)
         False
         """
-        if image_key(img) != self.image or _record_side(img) != self.record:
+        if _image_side(img) != self.image or _record_side(img) != self.record:
             return False
         return files_unchanged(self.files)
 
@@ -144,7 +154,7 @@ def image_state(img: Any) -> ImageState | None:
             return None
     except (AttributeError, TypeError):
         return None
-    image = image_key(img)
+    image = _image_side(img)
     if image is None:
         return None
     keys = {path: key for key, path in (file_paths(img) or {}).items()}
@@ -167,17 +177,50 @@ class _Answer:
     valid: Callable[[], bool]
 
 
-_answers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_lock = threading.Lock()
+# id(image) -> (weak reference to it, {question: answer}). By identity, never by the
+# image's own __eq__/__hash__ (a WeakKeyDictionary uses them: an image class comparing
+# by content would share, overwrite or fail to look up another image's answers).
+_answers: dict[int, tuple[weakref.ref, dict]] = {}
+# reentrant: a weak reference's callback may run (garbage collection) while it is held
+_lock = threading.RLock()
 _MISSING = object()
 
 
-def _recall(img: Any, question: tuple) -> Any:
+def _forget(key: int, ref: weakref.ref) -> None:
+    with _lock:
+        if _answers.get(key, (None,))[0] is ref:
+            del _answers[key]
+
+
+def _answers_of(img: Any, create: bool = False) -> dict | None:
+    """The answers kept for this very object (call with the lock held)."""
+    key = id(img)
+    entry = _answers.get(key)
+    if entry is not None and entry[0]() is img:
+        return entry[1]
+    if not create:
+        return None
     try:
-        with _lock:
-            answer = (_answers.get(img) or {}).get(question)
-    except TypeError:  # an image class that is not hashable or weakly referable
-        return _MISSING
+        ref = weakref.ref(img, lambda ref, key=key: _forget(key, ref))
+    except TypeError:  # not weakly referable: nothing is remembered
+        return None
+    answers: dict = {}
+    _answers[key] = (ref, answers)
+    return answers
+
+
+def _reset_after_fork() -> None:
+    # a lock held by another thread at fork() stays held forever in the child
+    global _lock
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
+
+
+def _recall(img: Any, question: tuple) -> Any:
+    with _lock:
+        answer = (_answers_of(img) or {}).get(question)
     if answer is None or not answer.state.holds(img) or not answer.valid():
         return _MISSING
     return answer.value
@@ -187,20 +230,26 @@ def _remember(
     img: Any,
     question: tuple,
     compute: Callable[[], Any],
-    valid: Callable[[Any], Callable[[], bool] | None] = lambda value: lambda: True,
+    valid: Callable[[Any, ImageState], Callable[[], bool] | None] = (
+        lambda value, state: lambda: True
+    ),
 ) -> Any:
     known = _recall(img, question)
     if known is not _MISSING:
         return known
-    before = image_state(img)
+    # Only while no other thread runs: one could edit the image and restore it while
+    # the answer is computed (A -> B -> A), and B's answer would be kept for A, long
+    # after the edits stopped. Threads started by ``compute`` (the core's writer) do not
+    # edit images. Answers are still recalled from any thread: a recall checks the state.
+    alone = threading.active_count() == 1
+    before = image_state(img) if alone else None
     value = compute()
-    check = valid(value) if before is not None else None
+    check = valid(value, before) if before is not None else None
     if check is not None and before.holds(img):  # the same state before and after
-        try:
-            with _lock:
-                _answers.setdefault(img, {})[question] = _Answer(before, value, check)
-        except TypeError:
-            pass
+        with _lock:
+            answers = _answers_of(img, create=True)
+            if answers is not None:
+                answers[question] = _Answer(before, value, check)
     return value
 
 
@@ -246,10 +295,14 @@ def _store_marker(store: Store | None) -> tuple:
     return ('default', env, os.getcwd(), os.environ.get('XDG_CACHE_HOME'), os.environ.get('HOME'))
 
 
-def _entry_check(resolution: Resolution) -> Callable[[], bool] | None:
-    """How to tell that a store file handed out is still the one looked up."""
+def _entry_check(resolution: Resolution, state: ImageState) -> Callable[[], bool] | None:
+    """How to tell that a file handed out is still the one looked up."""
     if resolution.action in ('path', 'original'):
-        return lambda: True  # the image's own file: its state says it holds
+        # the image's own file: its state vouches for the paths it reads, and only for
+        # them (a path handed out under another name, e.g. a ``..`` folded by the
+        # kernel, can come to name another file while those keep theirs)
+        read = {path for path, *_ in state.files}
+        return (lambda: True) if resolution.path in read else None
     folder = os.path.dirname(resolution.path)
     try:
         names = os.listdir(folder)
