@@ -9,9 +9,10 @@ remembered per image *and its state*:
 
 - the image's side, :func:`~nipype_nibtrack.recheck.image_key` (the same one a
   remembered clean verdict rests on) and the cleanliness rule registered for the
-  image's class, read from the image in about a microsecond: class, header bytes (byte order and NIfTI extensions included), affine bytes, dtype
-  alias, the data object itself (an identity: a new proxy is a new state) with every
-  read parameter, the file map's names and file objects; and the provenance record
+  image's class, read from the image in about a microsecond: class, header bytes (byte
+  order and NIfTI extensions included), affine bytes, dtype alias, the data object
+  itself (an identity: a new proxy is a new state) with every read parameter, the file
+  map's names and file objects; and the provenance record
   (binding, load keywords, ``mark_clean`` baseline, ``mark_dirty``);
 - the files' side, :func:`~nipype_nibtrack.recheck.read_files`: the identity of every
   file the image depends on and the raw bytes holding its header (a header rewritten
@@ -97,7 +98,8 @@ def _record_side(img: Any) -> tuple | None:
 class ImageState:
     """One state of an image: see the module docstring.
 
-    ``image`` is :func:`~nipype_nibtrack.recheck.image_key`, ``files`` the files' side
+    ``image`` is the rule for the image's class and
+    :func:`~nipype_nibtrack.recheck.image_key`, ``files`` the files' side
     as :func:`~nipype_nibtrack.recheck.read_files` gives it: per file ``(path,
     identity, number of header bytes, those bytes)``.
     """
