@@ -24,6 +24,7 @@ from pathlib import Path
 import joblib
 import nibabel as nib
 import numpy as np
+from timing import timings
 
 import nipype_nibtrack as nt
 from nipype_nibtrack.provenance import file_paths
@@ -35,14 +36,7 @@ ROWS: list[tuple[str, str, str, str]] = []
 
 def median_time(fn: Callable[[], object], repeats: int, setup: Callable[[], object] | None = None):
     """Median wall time of ``fn()`` over ``repeats`` runs (``setup()`` untimed before each)."""
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timings(fn, repeats, setup))
 
 
 def fmt(seconds: float) -> str:

@@ -26,6 +26,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import xxhash
+from timing import timings
 
 import nipype_nibtrack as nt
 from nipype_nibtrack import digest as digest_mod
@@ -35,14 +36,7 @@ ROWS: list[dict] = []
 
 def best(fn, repeats: int = 3, setup=None) -> float:
     """Best wall time of ``fn()`` over ``repeats`` runs (``setup()`` untimed before each)."""
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timings(fn, repeats, setup))
 
 
 def fmt(value: float, unit: str) -> str:
