@@ -339,6 +339,29 @@ def test_the_state_memo_agrees_with_a_full_resolve_after_any_edits(settled_pair,
 # ------------------------------------------------------- threads editing meanwhile
 
 
+@contextlib.contextmanager
+def _flipping_descrip(img, edited: bytes, restored: bytes, pause: float):
+    """Another thread sets the header's descrip to ``edited`` then back to ``restored``,
+    over and over (``pause`` seconds after each), until the block ends."""
+    stop = threading.Event()
+
+    def flip() -> None:
+        header = img.header
+        while not stop.is_set():
+            header['descrip'] = edited
+            time.sleep(pause)
+            header['descrip'] = restored
+            time.sleep(pause)
+
+    thread = threading.Thread(target=flip)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 def test_an_answer_computed_while_another_thread_edits_and_restores_is_not_kept(tmp_path):
     """Thread T flips descrip A -> B -> A while the main thread resolves: an answer
     computed on B with the state A before and after was kept for A, and served after
@@ -356,24 +379,11 @@ def test_an_answer_computed_while_another_thread_edits_and_restores_is_not_kept(
     assert nt.resolve_memoised(img, store=store) is single  # memo in use, one thread
 
     for _ in range(8):
-        stop = threading.Event()
-
-        def flip(stop=stop) -> None:
-            header = img.header
-            while not stop.is_set():
-                header['descrip'] = b'B'
-                time.sleep(1e-4)
-                header['descrip'] = b'A'
-                time.sleep(1e-4)
-
-        thread = threading.Thread(target=flip)
-        thread.start()
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            with contextlib.suppress(ValueError, TypeError):
-                nt.resolve_memoised(img, store=store)
-        stop.set()
-        thread.join()
+        with _flipping_descrip(img, b'B', b'A', pause=1e-4):
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                with contextlib.suppress(ValueError, TypeError):
+                    nt.resolve_memoised(img, store=store)
         for label in (b'A', b'B'):  # quiet now: what is handed out holds the image
             img.header['descrip'] = label
             handed = nt.resolve_memoised(img, store=store)
@@ -392,23 +402,10 @@ def test_a_clean_verdict_checked_while_another_thread_edits_and_restores_is_not_
     img = nib.load(path)
     assert not nt.is_dirty(img)
     for _ in range(8):
-        stop = threading.Event()
-
-        def flip(stop=stop) -> None:
-            header = img.header
-            while not stop.is_set():
-                header['descrip'] = b'edited'
-                time.sleep(1e-5)
-                header['descrip'] = b''  # the file's value
-                time.sleep(1e-5)
-
-        thread = threading.Thread(target=flip)
-        thread.start()
-        end = time.monotonic() + 0.5
-        while time.monotonic() < end:
-            nt.is_dirty(img)
-        stop.set()
-        thread.join()
+        with _flipping_descrip(img, b'edited', b'', pause=1e-5):  # b'': the file's value
+            end = time.monotonic() + 0.5
+            while time.monotonic() < end:
+                nt.is_dirty(img)
         img.header['descrip'] = b'edited'
         assert nt.is_dirty(img)
         assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path
