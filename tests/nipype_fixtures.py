@@ -339,6 +339,36 @@ class Summary(BaseInterface):
         return {'summary': self._summary}
 
 
+def function_node(function: Any, value: Any, base_dir: Path | str, name: str) -> Any:
+    """A node of nipype's ``Function`` interface running ``function(x)`` on ``value``,
+    with one output, ``total``."""
+    from nipype.interfaces.utility import Function
+    from nipype.pipeline import engine as pe
+
+    node = pe.Node(
+        Function(input_names=['x'], output_names=['total'], function=function),
+        name=name,
+        base_dir=str(base_dir),
+    )
+    node.inputs.x = value
+    return node
+
+
+def crash_file(node: Any, folder: Path) -> Path:
+    """Run ``node`` so that its command fails, in a workflow writing its crash file (a
+    pklz) in ``folder``; the crash file's path."""
+    from nipype.pipeline import engine as pe
+
+    node.interface._cmd = 'false'  # fails: nipype writes a crash file
+    wf = pe.Workflow('crashing', base_dir=str(folder))
+    wf.add_nodes([node])
+    wf.config['execution'] = {'crashdump_dir': str(folder), 'crashfile_format': 'pklz'}
+    with pytest.raises(RuntimeError):
+        wf.run()
+    (crashfile,) = folder.glob('crash-*.pklz')
+    return crashfile
+
+
 def summary_of(img: Any) -> str:
     """What :class:`Summary` reports for ``img`` (read from a copy: ``img`` keeps its state)."""
     import copy

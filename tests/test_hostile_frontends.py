@@ -286,14 +286,7 @@ def test_a_node_pickled_to_a_pklz_runs_in_a_fresh_interpreter(tmp_path):
 
 def test_a_crash_file_of_an_image_node_opens_with_nipypecli_crash(tmp_path):
     dirty = nf.random_image(seed=5)
-    node = pe.Node(nt_fsl.BET(in_file=dirty), name='bet')
-    node.interface._cmd = 'false'
-    wf = pe.Workflow('crashing', base_dir=str(tmp_path))
-    wf.add_nodes([node])
-    wf.config['execution'] = {'crashdump_dir': str(tmp_path), 'crashfile_format': 'pklz'}
-    with pytest.raises(RuntimeError):
-        wf.run()
-    (crashfile,) = tmp_path.glob('crash-*.pklz')
+    crashfile = nf.crash_file(pe.Node(nt_fsl.BET(in_file=dirty), name='bet'), tmp_path)
     cli = Path(sys.executable).with_name('nipypecli')
     proc = subprocess.run(
         [str(cli), 'crash', str(crashfile)],

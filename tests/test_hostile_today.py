@@ -44,6 +44,7 @@ def test_a_record_digest_ignores_padding_and_the_kernel(monkeypatch, dtype, layo
 # --------------------------------------------------------------------------- the store
 
 import os  # noqa: E402
+import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import nibabel as nib  # noqa: E402
@@ -99,16 +100,10 @@ def key_total(x):
 
 
 def _key_node(value, base_dir):
-    from nipype.interfaces.utility import Function
-    from nipype.pipeline import engine as pe
+    sys.path.insert(0, os.path.dirname(__file__))
+    import nipype_fixtures as nf
 
-    node = pe.Node(
-        Function(input_names=['x'], output_names=['total'], function=key_total),
-        name='keys',
-        base_dir=str(base_dir),
-    )
-    node.inputs.x = value
-    return node
+    return nf.function_node(key_total, value, base_dir, 'keys')
 
 
 KEYED = {

@@ -14,7 +14,6 @@ import nibabel as nib
 import numpy as np
 import pytest
 from nipype.interfaces.base import Bunch
-from nipype.interfaces.utility import Function
 from nipype.pipeline import engine as pe
 
 import nipype_nibtrack as nt
@@ -47,13 +46,7 @@ def container_total(x):
 
 
 def _total_node(value, base_dir):
-    node = pe.Node(
-        Function(input_names=['x'], output_names=['total'], function=container_total),
-        name='total',
-        base_dir=str(base_dir),
-    )
-    node.inputs.x = value
-    return node
+    return nf.function_node(container_total, value, base_dir, 'total')
 
 
 @pytest.mark.parametrize('kind', list(WRAPS))
