@@ -25,6 +25,7 @@ changes these bytes. Anything else, or any difference, falls back to the full ch
 from __future__ import annotations
 
 import os
+import threading
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +45,7 @@ __all__ = [
     'Memo',
     'files_unchanged',
     'image_key',
+    'may_remember',
     'memo_for',
     'read_files',
     'still_clean',
@@ -74,6 +76,22 @@ class Memo:
 
     def files_paths(self) -> tuple[str, ...]:
         return tuple(path for path, *_ in self.files)
+
+
+def may_remember() -> bool:
+    """True when an answer computed now may be remembered under the image's state.
+
+    Only while no other thread runs: one could edit the image and restore it while the
+    answer is computed (A -> B -> A), and B's answer would be kept for A, long after the
+    edits stopped; no comparison of the state before and after can see it. Threads the
+    computation starts itself (the core's writer) do not edit images. Every memo of an
+    image's answers (remembered clean verdicts, :mod:`.state`) asks this first.
+
+    >>> import threading
+    >>> may_remember() == (threading.active_count() == 1)
+    True
+    """
+    return threading.active_count() == 1
 
 
 def image_key(img: Any) -> tuple | None:

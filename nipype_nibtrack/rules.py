@@ -14,7 +14,6 @@ identity.
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import singledispatch
@@ -45,7 +44,7 @@ from .provenance import (
     record_of,
     source_files,
 )
-from .recheck import Memo, files_unchanged, image_key, memo_for, still_clean
+from .recheck import Memo, files_unchanged, image_key, may_remember, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
 __all__ = [
@@ -485,9 +484,7 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             if ids is not None:  # nothing it rested on moved: a few system calls
                 return _new(Cleanliness, (None, ids, memo.handed, None))
     files = source_files(img)
-    # a verdict is remembered only while no other thread runs: one could edit the image
-    # and restore it during the check (A -> B -> A), filing B's "clean" under A
-    alone = threading.active_count() == 1
+    alone = may_remember()  # no other thread could edit and restore it meanwhile
     for _ in range(3):
         memo = _memo(img) if simple and alone else None  # read before, compared after
         before = {path: path_id(path) for path in files}

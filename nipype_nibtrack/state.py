@@ -51,7 +51,7 @@ from typing import Any
 
 from .fileid import FileId, path_id
 from .provenance import binding_of, file_paths, record_of, source_files
-from .recheck import files_unchanged, image_key, read_files
+from .recheck import files_unchanged, image_key, may_remember, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
 from .rules import cleanliness_rule, is_dirty
 from .store import ENV_VAR, Store, chosen_store
@@ -239,11 +239,8 @@ def _remember(
     known = _recall(img, question)
     if known is not _MISSING:
         return known
-    # Only while no other thread runs: one could edit the image and restore it while
-    # the answer is computed (A -> B -> A), and B's answer would be kept for A, long
-    # after the edits stopped. Threads started by ``compute`` (the core's writer) do not
-    # edit images. Answers are still recalled from any thread: a recall checks the state.
-    alone = threading.active_count() == 1
+    # recalled from any thread (a recall checks the state), kept only when may_remember
+    alone = may_remember()
     before = image_state(img) if alone else None
     value = compute()
     check = valid(value, before) if before is not None else None
