@@ -6,6 +6,7 @@ file handed out (or a real nipype node) sees against what the image holds.
 """
 
 import contextlib
+import gc
 import json
 import multiprocessing
 import os
@@ -200,10 +201,22 @@ def test_a_cleanliness_rule_registered_later_wins_over_remembered_answers(tmp_pa
     nt.check_image_memoised(img, FORMATS)
 
     nt.cleanliness_rule.register(LaterRuled, lambda img, record: 'this class is never clean')
-    assert nt.is_dirty(img) and nt.is_dirty_memoised(img)
-    handed = nt.resolve_memoised(img, formats=FORMATS)
-    assert handed.action == 'written' and handed.path != path
-    assert handed.reason == nt.resolve(img).reason == 'this class is never clean'
+    try:
+        assert nt.is_dirty(img) and nt.is_dirty_memoised(img)
+        handed = nt.resolve_memoised(img, formats=FORMATS)
+        assert handed.action == 'written' and handed.path != path
+        assert handed.reason == nt.resolve(img).reason == 'this class is never clean'
+    finally:
+        _unregister(LaterRuled)
+
+
+def _unregister(klass) -> None:
+    """Take ``klass``'s rule out of the package's registry again, so that no later test
+    (or the registry's doctest in docs/api.rst) sees it: singledispatch has no public
+    way, its registry is a read-only view of a dict."""
+    (table,) = (d for d in gc.get_referents(nt.cleanliness_rule.registry) if isinstance(d, dict))
+    del table[klass]
+    nt.cleanliness_rule._clear_cache()
 
 
 # ------------------------------------------- every part of the state read losslessly
