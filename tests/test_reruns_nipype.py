@@ -310,6 +310,7 @@ def test_an_image_edited_into_one_that_cannot_be_a_file_names_the_input(tmp_path
     img = nib.Nifti1Image(np.ones((3, 3, 3), 'f4'), np.eye(4))
     wf = pe.Workflow('wf', base_dir=str(tmp_path))
     wf.add_nodes([pe.Node(Summary(in_file=img), name='summary')])
+    wf.config['execution']['crashdump_dir'] = str(tmp_path)  # not the current folder
     img._dataobj = nib.Nifti1Image.from_bytes(img.to_bytes()).dataobj  # now reads a BytesIO
     with pytest.raises(ValueError, match=r"'in_file' input of Summary .* in-memory file object"):
         wf.run()
