@@ -1,0 +1,90 @@
+"""The compiled gather against its floor: memcpy and xxh3-128 of the same bytes.
+
+Run ``python benchmarks/bench_gather.py [--quick] [--only NAME ...]``. For each
+non-Fortran layout that matters (C-ordered 2-D to 4-D images, several item sizes) it
+prints ``what: gather, digest, memcpy, xxh3, gather/xxh3, digest/xxh3`` where
+
+- *gather* is :func:`nipype_nibtrack.digest.f_blocks` without hashing: the kernel's
+  copies into Fortran order, a slab at a time, as the digest does them;
+- *digest* is ``array_digest(arr, 'F')``: the gather and the hashing;
+- *memcpy* copies the same bytes, in memory order, 1 MiB at a time into a reused
+  buffer (a copy that stays in cache: the floor of any gather);
+- *xxh3* hashes the same bytes in memory order (the floor the digest's goal is set by).
+
+All four are measured in the same run (best of a few). Exits 0 whatever the numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import numpy as np
+import xxhash
+from timing import timings
+
+from nipype_nibtrack.digest import array_digest, f_blocks
+
+RGB = np.dtype([('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
+CASES = {
+    '3d-256-f4': ((256, 256, 256), '<f4'),
+    '3d-250-f4': ((250, 250, 250), '<f4'),
+    '4d-160x16-f4': ((160, 160, 160, 16), '<f4'),
+    '4d-64x200-f4': ((64, 64, 36, 200), '<f4'),
+    '2d-4096-f4': ((4096, 4096), '<f4'),
+    '2d-4000-f4': ((4000, 4000), '<f4'),
+    '3d-256-i2': ((256, 256, 256), '<i2'),
+    '3d-256-u1': ((256, 256, 256), 'u1'),
+    '3d-256-f8': ((256, 256, 256), '<f8'),
+    '3d-256-rgb': ((256, 256, 256), RGB),
+}
+QUICK = ['3d-256-f4', '4d-160x16-f4', '2d-4096-f4', '3d-256-i2']
+
+
+def best(fn, repeats: int) -> float:
+    return min(timings(fn, repeats))
+
+
+def memcpy(flat: np.ndarray, buffer: np.ndarray) -> None:
+    step = buffer.size
+    for start in range(0, flat.size, step):
+        part = flat[start : start + step]
+        np.copyto(buffer[: part.size], part)
+
+
+def gather_only(arr: np.ndarray) -> None:
+    for _ in f_blocks(arr):
+        pass
+
+
+def measure(name: str, repeats: int) -> None:
+    shape, dtype = CASES[name]
+    dtype = np.dtype(dtype)
+    raw = np.random.default_rng(0).integers(0, 256, int(np.prod(shape)) * dtype.itemsize, 'u1')
+    arr = raw.view(dtype).reshape(shape)  # C-ordered
+    flat = raw
+    buffer = np.empty(1 << 20, np.uint8)
+    floor_copy = best(lambda: memcpy(flat, buffer), repeats)
+    floor_hash = best(lambda: xxhash.xxh3_128(flat).hexdigest(), repeats)
+    ours = best(lambda: gather_only(arr), repeats)
+    digest = best(lambda: array_digest(arr, 'F'), repeats)
+    mib = arr.nbytes / 2**20
+    print(
+        f'{name} ({mib:.0f} MiB, C-ordered): gather {ours * 1e3:.1f} ms, digest '
+        f'{digest * 1e3:.1f} ms, memcpy {floor_copy * 1e3:.1f} ms, xxh3 {floor_hash * 1e3:.1f} '
+        f'ms, gather/xxh3 {ours / floor_hash:.2f}x, digest/xxh3 {digest / floor_hash:.2f}x',
+        flush=True,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument('--quick', action='store_true', help='four cases, fewer repeats')
+    parser.add_argument('--only', nargs='+', choices=sorted(CASES), help='these cases')
+    args = parser.parse_args()
+    names = args.only or (QUICK if args.quick else list(CASES))
+    for name in names:
+        measure(name, 3 if args.quick else 5)
+
+
+if __name__ == '__main__':
+    main()
