@@ -2,16 +2,22 @@
 
 Run ``python benchmarks/bench_gather.py [--quick] [--only NAME ...]``. For each
 non-Fortran layout that matters (C-ordered 2-D to 4-D images, several item sizes) it
-prints ``what: gather, digest, memcpy, xxh3, gather/xxh3, digest/xxh3`` where
+prints ``what: gather, digest, memcpy, xxh3, gather/xxh3, digest/xxh3, lanes/xxh3``
+where
 
 - *gather* is :func:`nipype_nibtrack.digest.f_blocks` without hashing: the kernel's
   copies into Fortran order, a slab at a time, as the digest does them;
 - *digest* is ``array_digest(arr, 'F')``: the gather and the hashing;
 - *memcpy* copies the same bytes, in memory order, 1 MiB at a time into a reused
   buffer (a copy that stays in cache: the floor of any gather);
-- *xxh3* hashes the same bytes in memory order (the floor the digest's goal is set by).
+- *xxh3* hashes the same bytes in memory order (the floor the digest's goal is set by);
+- *lanes* is a prototype of a digest definition that was measured and not adopted (a
+  "lane tree": xxh3-128 of the 16-byte digests of each last-axis slice's Fortran-ordered
+  bytes, a C-ordered array gathered a block along axis -2 at a time, one hashing state
+  per slice): what it would cost with this kernel, for the shapes where every slice
+  holds at least 64 KiB.
 
-All four are measured in the same run (best of a few). Exits 0 whatever the numbers.
+All are measured in the same run (best of a few). Exits 0 whatever the numbers.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import numpy as np
 import xxhash
 from timing import timings
 
-from nipype_nibtrack.digest import array_digest, f_blocks
+from nipype_nibtrack.digest import array_digest, f_blocks, gather
 
 RGB = np.dtype([('R', 'u1'), ('G', 'u1'), ('B', 'u1')])
 CASES = {
@@ -56,6 +62,40 @@ def gather_only(arr: np.ndarray) -> None:
         pass
 
 
+LANE_BYTES = 1 << 16  # a lane of the prototype: a last-axis slice of at least 64 KiB
+REGION_BYTES = 1 << 22  # a block along axis -2 gathered at once, at most about this
+RUN_BYTES = 256  # and at least this many bytes of each source run
+
+
+def lane_digest(arr: np.ndarray) -> str | None:
+    """The lane-tree prototype's digest of a C-ordered ``arr`` (None: not a lane shape)."""
+    if arr.ndim < 2 or arr[..., 0].nbytes < LANE_BYTES:
+        return None
+    lanes = [xxhash.xxh3_128() for _ in range(arr.shape[-1])]
+    row = arr[..., :1, :].nbytes  # one index along axis -2
+    step = max(-(-RUN_BYTES // (arr.shape[-1] * arr.itemsize)), REGION_BYTES // row)
+    step = max(1, min(step, arr.shape[-2]))
+    buffer = np.empty(row * step, np.uint8)
+    for j in range(0, arr.shape[-2], step):
+        region = arr[..., j : j + step, :]
+        block = gather(region, buffer[: region.nbytes])
+        piece = region.nbytes // len(lanes)
+        for t, lane in enumerate(lanes):
+            lane.update(block[t * piece : (t + 1) * piece])
+    top = xxhash.xxh3_128(repr((arr.dtype.str, arr.shape)).encode())
+    for lane in lanes:
+        top.update(lane.digest())
+    return top.hexdigest()
+
+
+def lane_reference(arr: np.ndarray) -> str:
+    """The same digest from the Fortran-ordered bytes, one slice at a time."""
+    top = xxhash.xxh3_128(repr((arr.dtype.str, arr.shape)).encode())
+    for t in range(arr.shape[-1]):
+        top.update(xxhash.xxh3_128(np.asfortranarray(arr[..., t]).tobytes(order='F')).digest())
+    return top.hexdigest()
+
+
 def measure(name: str, repeats: int) -> None:
     shape, dtype = CASES[name]
     dtype = np.dtype(dtype)
@@ -67,11 +107,16 @@ def measure(name: str, repeats: int) -> None:
     floor_hash = best(lambda: xxhash.xxh3_128(flat).hexdigest(), repeats)
     ours = best(lambda: gather_only(arr), repeats)
     digest = best(lambda: array_digest(arr, 'F'), repeats)
+    lanes = '-'
+    if lane_digest(arr) is not None:
+        assert lane_digest(arr) == lane_reference(arr)  # the prototype is faithful
+        lanes = f'{best(lambda: lane_digest(arr), repeats) / floor_hash:.2f}x'
     mib = arr.nbytes / 2**20
     print(
         f'{name} ({mib:.0f} MiB, C-ordered): gather {ours * 1e3:.1f} ms, digest '
         f'{digest * 1e3:.1f} ms, memcpy {floor_copy * 1e3:.1f} ms, xxh3 {floor_hash * 1e3:.1f} '
-        f'ms, gather/xxh3 {ours / floor_hash:.2f}x, digest/xxh3 {digest / floor_hash:.2f}x',
+        f'ms, gather/xxh3 {ours / floor_hash:.2f}x, digest/xxh3 {digest / floor_hash:.2f}x, '
+        f'lanes/xxh3 {lanes}',
         flush=True,
     )
 
