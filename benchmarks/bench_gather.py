@@ -46,8 +46,14 @@ CASES = {
 QUICK = ['3d-256-f4', '4d-160x16-f4', '2d-4096-f4', '3d-256-i2']
 
 
-def best(fn, repeats: int) -> float:
-    return min(timings(fn, repeats))
+def interleaved(fns: dict, repeats: int) -> dict:
+    """Best wall time of each of ``fns`` over ``repeats`` rounds, each round timing every
+    one once: on a shared machine, the floors and ours meet the same noise."""
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name] += timings(fn, 1)
+    return {name: min(values) for name, values in times.items()}
 
 
 def memcpy(flat: np.ndarray, buffer: np.ndarray) -> None:
@@ -103,14 +109,18 @@ def measure(name: str, repeats: int) -> None:
     arr = raw.view(dtype).reshape(shape)  # C-ordered
     flat = raw
     buffer = np.empty(1 << 20, np.uint8)
-    floor_copy = best(lambda: memcpy(flat, buffer), repeats)
-    floor_hash = best(lambda: xxhash.xxh3_128(flat).hexdigest(), repeats)
-    ours = best(lambda: gather_only(arr), repeats)
-    digest = best(lambda: array_digest(arr, 'F'), repeats)
-    lanes = '-'
+    fns = {
+        'memcpy': lambda: memcpy(flat, buffer),
+        'xxh3': lambda: xxhash.xxh3_128(flat).hexdigest(),
+        'gather': lambda: gather_only(arr),
+        'digest': lambda: array_digest(arr, 'F'),
+    }
     if lane_digest(arr) is not None:
         assert lane_digest(arr) == lane_reference(arr)  # the prototype is faithful
-        lanes = f'{best(lambda: lane_digest(arr), repeats) / floor_hash:.2f}x'
+        fns['lanes'] = lambda: lane_digest(arr)
+    t = interleaved(fns, repeats)
+    floor_copy, floor_hash, ours, digest = t['memcpy'], t['xxh3'], t['gather'], t['digest']
+    lanes = f'{t["lanes"] / floor_hash:.2f}x' if 'lanes' in t else '-'
     mib = arr.nbytes / 2**20
     print(
         f'{name} ({mib:.0f} MiB, C-ordered): gather {ours * 1e3:.1f} ms, digest '
@@ -128,7 +138,7 @@ def main() -> None:
     args = parser.parse_args()
     names = args.only or (QUICK if args.quick else list(CASES))
     for name in names:
-        measure(name, 3 if args.quick else 5)
+        measure(name, 3 if args.quick else 7)
 
 
 if __name__ == '__main__':
