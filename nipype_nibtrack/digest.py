@@ -58,6 +58,8 @@ _GATHER_BYTES = 4 * BLOCK_BYTES
 #: Measured on a C-ordered 4096 x 4096 float32 array: 1 MiB slabs gather in 0.6x the
 #: time of 16 MiB ones; a 256^3 one keeps its 16 MiB slabs (64 items of 4 bytes).
 _RUN_BYTES = 256
+#: ... unless the slab would be smaller than this (a 2 x 10^8 array: not 400 000 slabs)
+_MIN_SLAB = 1 << 20
 _TILE_BYTES = 1 << 17  # a tile of numpy's transposing gather: fits in L2
 _TILE_ROWS = 8  # at least this many contiguous elements per inner loop
 # What reading voxel data from a damaged, truncated or vanished file raises
@@ -108,10 +110,8 @@ def f_blocks(arr: np.ndarray, *, copy: bool = False) -> Iterator[np.ndarray]:
                 part = _zero_padding(buffer[: part.size], arr.dtype.itemsize, padding)
             yield part
         return
-    limit = max(min(arr.nbytes, _GATHER_BYTES), arr.dtype.itemsize)
-    parts = list(_slabs(arr, limit))
-    buffer = np.empty(max(part.nbytes for part in parts), np.uint8)
-    for part in parts:
+    buffer = np.empty(max(min(arr.nbytes, _GATHER_BYTES), arr.dtype.itemsize), np.uint8)
+    for part in _slabs(arr, buffer.size):  # pages of the buffer no slab needs stay unmapped
         block = _little_block(gather(part, buffer[: part.nbytes]), arr.dtype)
         yield _zero_padding(block, arr.dtype.itemsize, _padding(arr.dtype))
 
@@ -162,8 +162,9 @@ def _slabs(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     """Views of ``arr`` whose Fortran-ordered bytes follow each other, each <= ``limit``.
 
     A slab along the last axis takes at most :data:`_RUN_BYTES` of each run along it
-    (the runs a C-ordered array's gather reads): whole cache lines, while its output stays
-    small enough to stay in cache until hashed.
+    (the runs a C-ordered array's gather reads), unless that makes it smaller than
+    :data:`_MIN_SLAB`: whole cache lines, and an output small enough to stay in cache
+    until it is hashed, in few enough slabs that Python's loop costs nothing.
     """
     if arr.ndim == 0:
         yield arr
@@ -172,7 +173,7 @@ def _slabs(arr: np.ndarray, limit: int) -> Iterator[np.ndarray]:
     if slab <= limit:
         step = limit // slab
         if arr.ndim > 1:
-            step = max(1, min(step, -(-_RUN_BYTES // arr.itemsize)))
+            step = min(step, max(-(-_RUN_BYTES // arr.itemsize), _MIN_SLAB // slab))
         for j in range(0, arr.shape[-1], step):
             yield arr[..., j : j + step]
         return
