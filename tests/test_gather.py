@@ -146,6 +146,25 @@ def test_views_with_offsets_and_read_only_buffers(shape, dtype):
         assert b''.join(bytes(b) for b in f_blocks(view)) == _fortran(_little(view))
 
 
+@pytest.mark.parametrize('dtype', ['u1', '<i2', '<f4', '>f8', '<c16', '|V3', 'V7'])
+def test_column_groups_of_several_axes(dtype):
+    """Source axes that continue each other (a block of a C-ordered 4-D image, a reversed
+    one, broadcast axes) are one run of columns of a tile, each column with its own
+    output offset: larger than a tile, with edges, in any direction."""
+    base = np.random.default_rng(5).integers(0, 255, (70, 9, 11, 17, np.dtype(dtype).itemsize))
+    arr = base.astype('u1').view(dtype)[..., 0]
+    views = [
+        arr[:, :, 3:7, :],  # columns: 4 x 17 items in a row
+        arr[:, 2:5],  # columns: 3 x 11 x 17
+        arr[::-1, ::-1, ::-1, ::-1],  # negative strides throughout
+        arr[:, :, ::-1, ::-1][:, 1:, 2:9],
+        np.broadcast_to(arr[:, :1, :1, :1], (70, 4, 5, 6)),  # zero strides continue
+        arr.transpose(1, 0, 2, 3)[:, :, 4:6],
+    ]
+    for view in views:
+        assert _kernel_bytes(view) == _fortran(view)
+
+
 @pytest.mark.parametrize('dtype', ['<f4', '>f8', '<i2', '<c8'])
 def test_unaligned_items(dtype):
     raw = np.random.default_rng(4).integers(0, 255, 8 * 16 * 40 + 1, 'u1')
