@@ -20,7 +20,16 @@ import numpy as np
 import xxhash
 from nibabel.filebasedimages import FileBasedImage
 
-from .fileid import FileId, absolute, all_settled, fd_id, path_id
+from .fileid import (
+    FileId,
+    NotRegularFile,
+    absolute,
+    all_settled,
+    fd_id,
+    not_regular,
+    path_id,
+    regular_opener,
+)
 from .snapshot import Snapshot, proxy_spec, snapshot
 
 __all__ = [
@@ -402,6 +411,12 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
         directory (so ``get_filename()`` is absolute and the image keeps reading the
         file it was opened from); no subclass, nothing patched.
 
+    Raises
+    ------
+    NotRegularFile
+        An ``OSError``: ``path`` names a directory, a FIFO, a socket or a device, from
+        which nibabel would block or read garbage.
+
     Examples
     --------
     >>> import os, nibabel as nib
@@ -413,6 +428,13 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     'load'
     """
     given = absolute(path)  # nibabel's proxies re-open by name: give them this one
+    refusal = not_regular(given)  # nibabel's open of a FIFO would block for ever
+    if refusal is not None:
+        raise NotRegularFile(
+            refusal.errno,
+            f'{refusal.strerror}: nibabel cannot load an image from it. Pass '
+            'the image file itself',
+        )
     for _ in range(3):
         before = _inode(given)
         img = nib.load(given, **kwargs)
@@ -449,7 +471,7 @@ def mark_clean(img: Any) -> None:
     Raises
     ------
     ValueError
-        When the image has no file, or its file does not exist.
+        When the image has no file, or its file does not exist or is no regular file.
 
     Examples
     --------
@@ -480,6 +502,10 @@ def mark_clean(img: Any) -> None:
     main = main_path(img)
     if ids.get(_key_of(paths, main)) is None:
         raise ValueError(f'cannot mark this {type(img).__name__} clean: {main} does not exist.')
+    for path in paths.values():
+        refusal = not_regular(path)
+        if refusal is not None:
+            raise ValueError(f'cannot mark this {type(img).__name__} clean: {refusal.strerror}')
     # the user declares the files now at the bound paths to be the image's: bind anew
     inodes = {key: None if i is None else (i.dev, i.ino) for key, i in ids.items()}
     source = Binding.of({}, _source_name(img)).source
@@ -539,7 +565,7 @@ def files_digest(paths: dict[str, str]) -> str:
         hasher.update(key.encode() + b'\0')
         if not os.path.exists(path):
             continue
-        with open(path, 'rb') as fobj:
+        with open(path, 'rb', opener=regular_opener) as fobj:
             while block := fobj.read(1 << 24):
                 hasher.update(block)
     return hasher.hexdigest()

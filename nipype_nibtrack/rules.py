@@ -33,7 +33,7 @@ from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
-from .fileid import FileId, all_settled, fd_id, kernel_path, path_id
+from .fileid import FileId, all_settled, fd_id, kernel_path, not_regular, path_id, regular_opener
 from .provenance import (
     Record,
     binding_of,
@@ -138,7 +138,7 @@ def _(img: MGHImage, paths: dict[str, str]) -> bytes:
     if path.endswith(('.mgz', '.gz')):  # the footer would need the whole stream
         with ImageOpener(path, 'rb') as fobj:
             return fobj.read(img.header_class._hdrdtype.itemsize)
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:
         return header_bytes(img.header_class.from_fileobj(fobj))  # header and footer
 
 
@@ -166,7 +166,7 @@ def _plain_header_region(path: str, single: bool) -> bytes | None:
         return None
     if not single:
         return _whole_file(path)  # a .hdr holds the header and nothing else
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:
         head = fobj.read(544)
         for order in '<>':
             size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
@@ -190,7 +190,7 @@ def _key_decides(img: Any, paths: dict[str, str]) -> bool:
 
 def _whole_file(path: str) -> bytes:
     try:
-        with open(path, 'rb') as fobj:
+        with open(path, 'rb', opener=regular_opener) as fobj:
             return fobj.read()
     except FileNotFoundError:
         return b'missing'
@@ -268,6 +268,9 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
     replaced = binding.replaced(ids)
     if replaced is not None:
         return f'{replaced} is no longer the file the image was loaded from (replaced or moved)'
+    irregular = _irregular_file(paths)
+    if irregular is not None:
+        return irregular
     if record is not None and record.baseline is None and record.kwargs:
         reason = load_options_reason(record.kwargs)
         if reason is not None:
@@ -293,6 +296,18 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
         when = 'marked clean' if record.baseline is not None else 'load'
         return f'file changed on disk since {when} ({reason})'
     return reason
+
+
+def _irregular_file(paths: dict[str, str]) -> str | None:
+    """Why the image's files cannot be read, when one is no regular file (a FIFO would
+    block nibabel's ``open`` for ever, ``/dev/zero`` never ends): checked before any of
+    them is opened by name. The core's own reads open with ``O_NONBLOCK`` and check what
+    they opened (:func:`~nipype_nibtrack.fileid.open_regular`)."""
+    for path in paths.values():
+        refusal = not_regular(path)
+        if refusal is not None:
+            return f'{refusal.strerror}: no image can be read from it'
+    return None
 
 
 def _compare_with_reference(

@@ -79,7 +79,8 @@ _NAME_MAX_BYTES = 200  # file systems allow 255 bytes; the manifest adds '.' and
 _MANIFEST_MAX_BYTES = 1 << 16
 _BLOCK_BYTES = 1 << 24
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted in an entry never blocks a reader (fstat then refuses it)
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 #: errno values that say the store, not the image being written, is the problem.
