@@ -159,9 +159,12 @@ def test_open_regular_never_blocks_and_says_what_it_found(tmp_path):
     os.mkfifo(fifo)
     with no_hang(), pytest.raises(NotRegularFile, match=r'is a FIFO \(named pipe\)'):
         open_regular(fifo)
-    with no_hang(), pytest.raises(NotRegularFile, match='is a directory'):
-        with open(tmp_path, 'rb', opener=regular_opener):
-            pass
+    with (
+        no_hang(),
+        pytest.raises(NotRegularFile, match='is a directory'),
+        open(tmp_path, 'rb', opener=regular_opener),
+    ):
+        pass
     regular = tmp_path / 'file.nii'
     regular.write_bytes(b'abc')
     with open(regular, 'rb', opener=regular_opener) as fobj:
@@ -233,4 +236,4 @@ def test_a_file_it_may_not_read_is_never_clean(request):
         os.waitpid(pid, 0)
         report = os.read(read, 4096)
     os.close(read)
-    assert report == b"", report.decode()
+    assert report == b'', report.decode()
