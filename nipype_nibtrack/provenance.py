@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copyreg
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -18,7 +19,10 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import xxhash
+from nibabel.analyze import AnalyzeImage
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
+from nibabel.openers import ImageOpener
 
 from .fileid import (
     FileId,
@@ -27,6 +31,7 @@ from .fileid import (
     all_settled,
     fd_id,
     not_regular,
+    open_regular,
     path_id,
     regular_opener,
 )
@@ -46,6 +51,7 @@ __all__ = [
     'mark_dirty',
     'record_of',
     'source_files',
+    'truncation',
 ]
 
 
@@ -291,6 +297,77 @@ def bound_source(img: Any) -> str | None:
     if now != path:
         return f'its data are read from {now}, but the image was tied to {path}'
     return f'{path} is no longer the file the image was tied to'
+
+
+_GZIP_TRAILER = 4  # ISIZE: the uncompressed size modulo 2**32, the last 4 bytes
+#: What nibabel opens compressed (.gz, .bz2, .zst, MGH's .mgz)
+_COMPRESSED = tuple(ext for ext in ImageOpener.compress_ext_map if ext)
+
+
+def truncation(img: Any) -> str | None:
+    """Why the file ``img``'s data object reads is shorter than its voxels need, or None.
+
+    A file cut after its header (``os.truncate``, a copy that ran out of space) still
+    loads: nibabel reads voxels only when asked, and the header still matches. A tool
+    given the file fails. The identity of the file holds its size: one ``stat`` tells a
+    plain file's; a gzip file says in its last four bytes how many bytes it inflates to
+    (NIfTI/Analyze files, which hold exactly the header and the voxels, are checked). None
+    when nothing is known to be missing (no proxy read by name, another compression).
+
+    Examples
+    --------
+    >>> import os, shutil, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = shutil.copy(os.path.join(data_path, 'anatomical.nii'), tempfile.mkdtemp())
+    >>> truncation(nib.load(path)) is None
+    True
+    >>> os.truncate(path, 1000)
+    >>> print(truncation(nib.load(path)))  # doctest: +ELLIPSIS
+    /.../anatomical.nii is truncated: 1000 bytes, its header needs ... bytes of voxels)
+    """
+    dataobj = getattr(img, 'dataobj', None)
+    name = getattr(dataobj, 'file_like', None)
+    if not isinstance(dataobj, ArrayProxy) or not isinstance(name, (str, os.PathLike)):
+        return None
+    path = absolute(name)
+    voxels = int(np.prod(dataobj.shape, dtype=np.int64)) * dataobj.dtype.itemsize
+    offset = int(dataobj.offset)
+    need = offset + voxels
+    try:
+        st = os.stat(path)
+    except OSError:  # missing, or cannot be reached: said by the checks that stat it
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # said by not_regular
+    if path.lower().endswith('.gz'):
+        size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
+        if size is None or size == need % (1 << 32):
+            return None
+        return (
+            f'{path} is truncated or damaged: its gzip trailer says it inflates to {size} '
+            f'bytes, its header needs {need} ({offset} + {voxels} bytes of voxels)'
+        )
+    if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
+        return None  # a compressed file's size says nothing of what it inflates to
+    return (
+        f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({offset} + '
+        f'{voxels} bytes of voxels)'
+    )
+
+
+def _inflated_size(path: str) -> int | None:
+    """The uncompressed size (modulo 2**32) a gzip file's trailer gives, or None."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < 18:  # a gzip header and trailer at least
+            return None
+        return int.from_bytes(os.pread(fd, _GZIP_TRAILER, size - _GZIP_TRAILER), 'little')
+    finally:
+        os.close(fd)
 
 
 def source_files(img: Any) -> tuple[str, ...]:

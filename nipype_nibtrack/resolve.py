@@ -20,7 +20,7 @@ from nibabel.spatialimages import HeaderDataError
 from .digest import READ_ERRORS, _Memo, image_digest
 from .export import ContentChanged, Plan, _Refused, choose_plan, export_image
 from .fileid import absolute, kernel_path, not_regular, path_id
-from .provenance import bound_source, load, main_path, source_files
+from .provenance import bound_source, load, main_path, source_files, truncation
 from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import ENV_VAR, Store, get_store
@@ -291,7 +291,7 @@ def _refuse_unknown_voxels(img: Any, reason: str) -> None:
     a replaced file, a re-pointed link), reading it would hand out the other file's
     voxels as this image's. Unless the image holds its data in memory, refuse.
     """
-    why = bound_source(img) or _irregular_source(img)
+    why = bound_source(img) or _irregular_source(img) or truncation(img)
     if why is None or any(
         isinstance(getattr(img, name, None), np.ndarray)
         for name in ('_fdata_cache', '_data_cache')

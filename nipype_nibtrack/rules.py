@@ -43,6 +43,7 @@ from .provenance import (
     load_options_reason,
     record_of,
     source_files,
+    truncation,
 )
 from .recheck import Memo, files_unchanged, image_key, may_remember, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
@@ -271,6 +272,9 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
     irregular = _irregular_file(paths)
     if irregular is not None:
         return irregular
+    cut = truncation(img)  # a header that still matches, over voxels that are gone
+    if cut is not None:
+        return cut
     if record is not None and record.baseline is None and record.kwargs:
         reason = load_options_reason(record.kwargs)
         if reason is not None:
