@@ -218,6 +218,32 @@ def test_fields_that_take_images_get_a_clean_copy_of_their_file(anat, store):
         TypeParser(int, label='x')(img)  # no file type, no image type: pydra's refusal
 
 
+def test_images_in_a_named_tuple_reach_the_task_in_their_tuple(anat, cache, runs, store):
+    """The walker rebuilds a named tuple by its fields (it called ``Pair(generator)``
+    and failed); the task gets clean images of the files, and a voxel edit reruns it."""
+    clean, dirty = nt.load(anat), _dirty(anat)
+    want = float(clean.get_fdata().sum() + 10 * dirty.get_fdata().sum())
+    task = tasks.PairSum(pair=tasks.ImagePair(clean, dirty))
+    assert type(task.pair) is tasks.ImagePair
+    assert task.pair.fixed.get_filename() == str(anat)
+    assert Path(task.pair.moving.get_filename()).is_relative_to(store.root)
+    assert task(cache_root=cache).out == want
+    assert tasks.PairSum(pair=tasks.ImagePair(clean, _dirty(anat)))(cache_root=cache).out == want
+    assert runs() == ['pair_sum']  # an equal pair: cached
+    dirty.get_fdata()[0, 0, 0] += 1
+    assert tasks.PairSum(pair=tasks.ImagePair(clean, dirty))(cache_root=cache).out == want + 10
+    assert runs() == ['pair_sum', 'pair_sum']
+
+
+def test_images_in_a_dict_subclass_keep_its_class(anat, cache, store):
+    from collections import OrderedDict
+
+    clean, dirty = nt.load(anat), _dirty(anat)
+    imgs = OrderedDict([('b', dirty), ('a', clean)])
+    out = tasks.NamedSums(imgs=imgs)(cache_root=cache, worker='debug').out
+    assert out == [float(dirty.get_fdata().sum()), float(clean.get_fdata().sum())]
+
+
 # ------------------------------------------------------------------- hashing
 
 

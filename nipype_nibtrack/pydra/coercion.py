@@ -25,6 +25,7 @@ never changes the image it was given.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -113,13 +114,39 @@ def _is_file(value: Any) -> bool:
 def _map(value: Any, fn: ty.Callable[[Any], Any]) -> Any:
     """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts.
 
-    Lists and tuples keep their type (pydra validates the value again).
+    Containers keep their type (pydra validates the value again): a named tuple, a list
+    or dict subclass (an ``OrderedDict``, a ``defaultdict`` with its factory) comes back
+    as one.
+
+    >>> import collections
+    >>> Pair = collections.namedtuple('Pair', 'a b')
+    >>> _map(Pair(1, [2, {'x': 3}]), lambda v: v * 10)
+    Pair(a=10, b=[20, {'x': 30}])
     """
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, tuple):
+        return _rebuilt_tuple(value, [_map(v, fn) for v in value])
+    if isinstance(value, list):
+        new = copy.copy(value)  # a subclass keeps its class and attributes
+        new[:] = [_map(v, fn) for v in value]
+        return new
     if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
+        new = copy.copy(value)  # a defaultdict keeps its factory, an OrderedDict its order
+        for k, v in value.items():
+            new[k] = _map(v, fn)
+        return new
     return fn(value)
+
+
+def _rebuilt_tuple(value: tuple, items: list) -> tuple:
+    """A tuple of ``value``'s type holding ``items``: a named tuple by its fields."""
+    klass = type(value)
+    if klass is tuple:
+        return tuple(items)
+    make = getattr(klass, '_make', None)  # collections.namedtuple, typing.NamedTuple
+    try:
+        return make(items) if callable(make) else klass(items)
+    except TypeError:  # a subclass whose constructor takes other arguments
+        return tuple(items)
 
 
 def _leaves(value: Any) -> ty.Iterator[Any]:
