@@ -37,7 +37,8 @@ from fileformats.generic import File
 from nibabel.filebasedimages import FileBasedImage, ImageFileError
 from pydra.utils.typing import UNION_TYPES, TypeParser
 
-from .. import as_filename, load
+from .. import load
+from .resolving import image_path
 
 __all__ = ['formats_of', 'image_classes', 'install']
 
@@ -172,7 +173,7 @@ def _convert(value: Any, to_file: bool, formats: tuple[str, ...] | None, label: 
     def convert(item: Any) -> Any:
         try:
             if to_file and _is_image(item):
-                return _ImagePath(as_filename(item, formats=formats))
+                return _ImagePath(image_path(item, formats))
             if not to_file and _is_file(item):
                 return load(os.fspath(item))
         except (OSError, ValueError, TypeError, ImageFileError) as err:
@@ -229,7 +230,7 @@ def _detach(value: Any, label: str) -> Any:
         if not _is_image(item):
             return item
         try:
-            fresh = load(as_filename(item))
+            fresh = load(image_path(item))
         except (OSError, ValueError, TypeError, ImageFileError) as err:
             raise _unusable(item, label, err) from err
         return fresh if type(fresh) is type(item) else item
