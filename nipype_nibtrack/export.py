@@ -178,7 +178,12 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
         ]
     dtype = _data_dtype(img)
     asked = list(formats) if formats is not None else 'its own format'
-    what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
+    name = img.get_filename() if isinstance(img, FileBasedImage) else None
+    what = (
+        f'{type(img).__name__}'
+        + (f' of {dtype} data' if dtype is not None else '')
+        + (f' (of {name})' if name else '')
+    )
     raise ValueError(
         f'cannot write this {what} exactly in any of the accepted formats {asked}'
         + (f' ({"; ".join(reasons)})' if reasons else f'; nibabel writes {sorted(_BY_EXT)}')

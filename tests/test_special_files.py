@@ -237,3 +237,18 @@ def test_a_file_it_may_not_read_is_never_clean(request):
         report = os.read(read, 4096)
     os.close(read)
     assert report == b'', report.decode()
+
+
+def test_copying_an_image_that_holds_its_file_open_never_opens_a_fifo(tmp_path):
+    """PAR/REC images hold their .REC open; a copy re-opens it by name (copies.py)."""
+    import copy
+
+    from nibabel.testing import data_path
+
+    names = ('phantom_EPI_asc_CLEAR_2_1.PAR', 'phantom_EPI_asc_CLEAR_2_1.REC')
+    par, rec = (Path(shutil.copy(os.path.join(data_path, n), tmp_path / n)) for n in names)
+    img = nt.load(par)
+    rec.unlink()
+    os.mkfifo(rec)
+    with no_hang(), pytest.raises(OSError, match=r'FIFO|no longer the file'):
+        copy.deepcopy(img)
