@@ -248,6 +248,13 @@ def test_images_in_a_dict_subclass_keep_its_class(anat, cache, store):
     assert out == [float(dirty.get_fdata().sum()), float(clean.get_fdata().sum())]
 
 
+def test_images_in_a_set_are_detached_too(anat, store):
+    dirty = _dirty(anat)
+    (held,) = TypeParser(ty.Any, label='imgs')(frozenset([dirty]))
+    assert held is not dirty and not nt.is_dirty(held)
+    np.testing.assert_array_equal(held.get_fdata(), dirty.get_fdata())
+
+
 # ------------------------------------------------------------------- hashing
 
 

@@ -113,7 +113,8 @@ def _is_file(value: Any) -> bool:
 
 
 def _map(value: Any, fn: ty.Callable[[Any], Any]) -> Any:
-    """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts.
+    """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts
+    and sets.
 
     Containers keep their type (pydra validates the value again): a named tuple, a list
     or dict subclass (an ``OrderedDict``, a ``defaultdict`` with its factory) comes back
@@ -135,6 +136,8 @@ def _map(value: Any, fn: ty.Callable[[Any], Any]) -> Any:
         for k, v in value.items():
             new[k] = _map(v, fn)
         return new
+    if isinstance(value, (set, frozenset)):
+        return type(value)(_map(v, fn) for v in value)
     return fn(value)
 
 
@@ -152,7 +155,7 @@ def _rebuilt_tuple(value: tuple, items: list) -> tuple:
 
 def _leaves(value: Any) -> ty.Iterator[Any]:
     """The items :func:`_map` applies its function to, in the same order."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         for v in value:
             yield from _leaves(v)
     elif isinstance(value, dict):
