@@ -445,3 +445,23 @@ def test_codes_nibabel_does_not_know_are_written_or_refused_clearly(
         assert np.array_equal(out.affine, img.affine)
     elif field in out.header:
         assert int(out.header[field]) == value
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    dtype=st.sampled_from(['u1', 'i2', 'u2', 'i4', 'f4', 'f8', 'c8']),
+    klass=st.sampled_from([nib.Nifti1Image, nib.Nifti2Image, nib.Nifti1Pair]),
+    big=st.booleans(),
+)
+def test_any_header_read_in_the_other_byte_order_is_refused(dtype, klass, big):
+    """Whatever the dtype (its code read the other way may be another valid code, or
+    none) and the byte order it was written in, a header read the other way round is
+    refused before any target is tried, naming the order to read it in."""
+    img = klass(np.zeros((2, 2, 2), dtype), np.eye(4))
+    if big:
+        img._header = img.header.as_byteswapped('>')
+    order = img.header.endianness
+    _misread(img)
+    with pytest.raises(ValueError, match='wrong byte order') as err:
+        nt.check_image(img)
+    assert f'endianness={order!r}' in str(err.value)

@@ -9,6 +9,8 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
 
 import nipype_nibtrack as nt
 from tests.conftest import (
@@ -93,6 +95,39 @@ def test_a_file_cut_short_under_a_matching_header_is_never_handed_out(
         proxy = img.dataobj
         need = proxy.offset + int(np.prod(proxy.shape)) * proxy.dtype.itemsize
         assert f'{os.path.getsize(path)} bytes, its header needs {need}' in str(err.value)
+    assert store_files(store) == []
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    ext=st.sampled_from(['.nii', '.img', '.mgh']),
+    dtype=st.sampled_from(['u1', 'i2', 'i4', 'f4']),
+    shape=st.tuples(*[st.integers(1, 6)] * 3),
+    keep=st.floats(0, 1),
+)
+def test_any_cut_into_the_voxels_is_never_handed_out(ext, dtype, shape, keep, tmp_path_factory):
+    """Whatever the format, dtype and shape, a file holding fewer bytes than its header
+    needs is never handed out; one holding them all (a footer cut, for MGH) is."""
+    folder = tmp_path_factory.mktemp('cut')
+    path = folder / f'img{ext}'
+    klass = {'.mgh': nib.MGHImage, '.img': nib.Nifti1Pair}.get(ext, nib.Nifti1Image)
+    nib.save(klass(np.ones(shape, dtype), np.eye(4)), path)
+    proxy = nib.load(path).dataobj
+    voxels = int(np.prod(shape)) * np.dtype(dtype).itemsize
+    need = proxy.offset + voxels
+    size = proxy.offset + int(keep * voxels)  # the header kept: nibabel loads it
+    assume(size > 0)  # nibabel refuses an empty .img itself
+    os.truncate(path, size)
+    img = nt.load(path)
+    store = nt.Store(folder / 'store')
+    if size >= need:
+        assert nt.resolve(img, store=store).path == str(path)
+        return
+    assert nt.is_dirty(img)
+    with pytest.raises(nt.ImageReadError, match=f'{size} bytes, its header needs {need}'):
+        nt.resolve(img, store=store)
     assert store_files(store) == []
 
 
