@@ -9,6 +9,7 @@ note: the user declares what corresponds to the file.
 from __future__ import annotations
 
 import copyreg
+import functools
 import os
 import stat
 import threading
@@ -22,6 +23,8 @@ import xxhash
 from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
+from nibabel.filename_parser import splitext_addext
+from nibabel.imageclasses import all_image_classes
 from nibabel.openers import ImageOpener
 
 from .fileid import (
@@ -467,6 +470,35 @@ def load_options_reason(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def _files_read_by_load(given: str) -> tuple[str, ...]:
+    """``given`` and the files nibabel opens beside it to load it (a pair's header, a
+    ``.mat``, a ``.REC``, a ``.BRIK``), by the image classes of several files.
+
+    >>> _files_read_by_load('/data/brain.img')
+    ('/data/brain.img', '/data/brain.hdr', '/data/brain.mat')
+    >>> _files_read_by_load('/data/brain.nii')
+    ('/data/brain.nii',)
+    """
+    names = dict.fromkeys([given])
+    _, ext, _ = splitext_addext(given)
+    for klass in _classes_of_several_files(ext.lower()):
+        try:
+            file_map = klass.filespec_to_file_map(given)
+        except Exception:  # not a file name this class takes
+            continue
+        names.update(dict.fromkeys(h.filename for h in file_map.values() if h.filename))
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _classes_of_several_files(ext: str) -> tuple[type, ...]:
+    return tuple(
+        klass
+        for klass in all_image_classes
+        if len(klass.files_types) > 1 and ext in (e.lower() for e in klass.valid_exts)
+    )
+
+
 def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load an image with :func:`nibabel.load` and keep its provenance.
 
@@ -505,13 +537,14 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     'load'
     """
     given = absolute(path)  # nibabel's proxies re-open by name: give them this one
-    refusal = not_regular(given)  # nibabel's open of a FIFO would block for ever
-    if refusal is not None:
-        raise NotRegularFile(
-            refusal.errno,
-            f'{refusal.strerror}: nibabel cannot load an image from it. Pass '
-            'the image file itself',
-        )
+    for name in _files_read_by_load(given):  # nibabel's open of a FIFO would block
+        refusal = not_regular(name)
+        if refusal is not None:
+            raise NotRegularFile(
+                refusal.errno,
+                f'{refusal.strerror}: nibabel cannot load an image from it. Put the '
+                'image file there, or pass the image file itself',
+            )
     for _ in range(3):
         before = _inode(given)
         img = nib.load(given, **kwargs)

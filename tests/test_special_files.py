@@ -252,3 +252,17 @@ def test_copying_an_image_that_holds_its_file_open_never_opens_a_fifo(tmp_path):
     os.mkfifo(rec)
     with no_hang(), pytest.raises(OSError, match=r'FIFO|no longer the file'):
         copy.deepcopy(img)
+
+
+@pytest.mark.parametrize('half', ['.hdr', '.img'])
+def test_load_refuses_a_pair_whose_other_half_is_a_fifo(half, tmp_path):
+    """nibabel opens the header beside the image named (and the image beside it)."""
+    img_path = tmp_path / 'pair.img'
+    nib.save(nib.Nifti1Pair(np.zeros((2, 2, 2), 'f4'), np.eye(4)), img_path)
+    fifo = img_path.with_suffix(half)
+    given = img_path.with_suffix('.img' if half == '.hdr' else '.hdr')
+    fifo.unlink()
+    os.mkfifo(fifo)
+    with no_hang(), pytest.raises(NotRegularFile, match='FIFO') as err:
+        nt.load(given)
+    assert str(fifo) in str(err.value)
