@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copyreg
 import functools
+import math
 import os
 import stat
 import threading
@@ -333,7 +334,7 @@ def truncation(img: Any) -> str | None:
     if not isinstance(dataobj, ArrayProxy) or not isinstance(name, (str, os.PathLike)):
         return None
     path = absolute(name)
-    voxels = int(np.prod(dataobj.shape, dtype=np.int64)) * dataobj.dtype.itemsize
+    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
     offset = int(dataobj.offset)
     need = offset + voxels
     try:
