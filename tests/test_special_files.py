@@ -15,6 +15,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from nipype_nibtrack.fileid import NotRegularFile, open_regular, regular_opener
 from nipype_nibtrack.store import Store
 
 
-class Hung(Exception):
+class Hung(BaseException):  # not an Exception: no handler of the core swallows it
     pass
 
 
@@ -266,3 +267,63 @@ def test_load_refuses_a_pair_whose_other_half_is_a_fifo(half, tmp_path):
     with no_hang(), pytest.raises(NotRegularFile, match='FIFO') as err:
         nt.load(given)
     assert str(fifo) in str(err.value)
+
+
+class _SwapAtOpen:
+    """An audit hook that replaces ``path`` by a FIFO just as the ``n``-th open of it
+    starts (after any stat before it): the race a stat-then-open check loses."""
+
+    active: _SwapAtOpen | None = None
+
+    def __init__(self, path: Path, n: int):
+        self.path, self.n, self.seen, self.swapped = str(path), n, 0, False
+
+    def __enter__(self) -> _SwapAtOpen:
+        _SwapAtOpen.active = self
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _SwapAtOpen.active = None
+
+    @staticmethod
+    def hook(event: str, args: tuple) -> None:
+        swap = _SwapAtOpen.active
+        if swap is None or event != 'open' or os.fspath(args[0]) != swap.path:
+            return
+        swap.seen += 1
+        if swap.seen == swap.n and not swap.swapped:
+            swap.swapped = True
+            os.unlink(swap.path)
+            os.mkfifo(swap.path)
+
+
+sys.addaudithook(_SwapAtOpen.hook)
+
+
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz', '.img', '.mgh', '.mgz'])
+def test_a_fifo_swapped_in_at_any_open_of_a_check_never_blocks_it(ext, tmp_path, store):
+    """Every file the cleanliness check opens, it opens itself (non-blocking, then
+    fstat): nibabel reads the reference load from those descriptors. Swapped for a FIFO
+    at the n-th open of a resolution, for every n: never hung, never handed out."""
+    klass = {'.img': nib.Nifti1Pair, '.mgh': nib.MGHImage, '.mgz': nib.MGHImage}.get(
+        ext, nib.Nifti1Image
+    )
+    for n in range(1, 16):
+        folder = tmp_path / str(n)
+        folder.mkdir()
+        path = folder / f'brain{ext}'
+        nib.save(klass(np.arange(24, dtype='f4').reshape(2, 3, 4), np.eye(4)), path)
+        img = nt.load(path)
+        os.utime(path)  # a new identity: no remembered verdict or reference
+        with no_hang(), _SwapAtOpen(path, n) as swap:
+            try:
+                handed = nt.resolve(img)
+            except nt.ImageReadError as err:
+                handed = err
+        if not swap.swapped:  # resolving opened the file fewer than n times
+            assert isinstance(handed, nt.Resolution) and handed.action == 'original'
+            break
+        assert isinstance(handed, nt.ImageReadError), (n, handed)
+        assert str(path) in str(handed)
+        with no_hang():
+            assert str(path) in nt.dirty_reason(img)
