@@ -32,7 +32,7 @@ from nibabel.minc1 import MincImageArrayProxy
 from nibabel.parrec import PARRECArrayProxy
 
 from . import provenance
-from .fileid import absolute, fd_id, path_id
+from .fileid import absolute, fd_id, not_regular, path_id, regular_opener
 
 __all__ = ['register_image_class']
 
@@ -75,7 +75,8 @@ class _Reopen:
         if self.dataobj_class is PARRECArrayProxy or issubclass(
             self.dataobj_class, PARRECArrayProxy
         ):
-            fobj = open(self.path, 'rb')  # noqa: SIM115 (the proxy keeps it, as nibabel's does)
+            # the proxy keeps it, as nibabel's does; never a FIFO or a device
+            fobj = open(self.path, 'rb', opener=regular_opener)  # noqa: SIM115
             self._check(fd_id(fobj.fileno()), fobj.close)
             dataobj = self.dataobj_class.__new__(self.dataobj_class)
             dataobj.__dict__.update(self.state, file_like=fobj)
@@ -83,6 +84,9 @@ class _Reopen:
         # MINC1 (NetCDF map) and MINC2 (h5py file): load the data object again
         before = path_id(self.path)
         self._check(before, lambda: None)
+        refusal = not_regular(self.path)  # nibabel's open of a FIFO would block
+        if refusal is not None:
+            raise refusal
         fresh = self.image_class.from_filename(self.path)
         self._check(path_id(self.path), lambda: None)
         return fresh.dataobj

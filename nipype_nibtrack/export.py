@@ -26,6 +26,7 @@ import xxhash
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.brikhead import AFNIArrayProxy, AFNIHeader
 from nibabel.cifti2 import Cifti2Image
+from nibabel.filebasedimages import FileBasedImage
 from nibabel.freesurfer.mghformat import MGHHeader, MGHImage
 from nibabel.gifti import GiftiImage
 from nibabel.imageglobals import logger as _nibabel_logger
@@ -177,7 +178,12 @@ def choose_plan(img: Any, formats: tuple[str, ...] | None) -> Plan:
         ]
     dtype = _data_dtype(img)
     asked = list(formats) if formats is not None else 'its own format'
-    what = f'{type(img).__name__}' + (f' of {dtype} data' if dtype is not None else '')
+    name = img.get_filename() if isinstance(img, FileBasedImage) else None
+    what = (
+        f'{type(img).__name__}'
+        + (f' of {dtype} data' if dtype is not None else '')
+        + (f' (of {name})' if name else '')
+    )
     raise ValueError(
         f'cannot write this {what} exactly in any of the accepted formats {asked}'
         + (f' ({"; ".join(reasons)})' if reasons else f'; nibabel writes {sorted(_BY_EXT)}')
@@ -191,6 +197,12 @@ def _data_dtype(img: Any) -> np.dtype | None:
 
     ECAT images declare one per frame (``get_data_dtype(frame)``): none for the image.
 
+    Raises
+    ------
+    ValueError
+        The header declares a data type code its format does not define (nibabel's
+        code tables raise a bare ``KeyError``): see :func:`_undefined_dtype`.
+
     >>> import numpy as np, nibabel as nib
     >>> _data_dtype(nib.Nifti1Image(np.zeros((2, 2, 2), 'i2'), np.eye(4)))
     dtype('<i2')
@@ -199,6 +211,105 @@ def _data_dtype(img: Any) -> np.dtype | None:
         return np.dtype(img.get_data_dtype())
     except (AttributeError, TypeError, NotImplementedError):
         return None
+    except (KeyError, ValueError, IndexError) as err:
+        raise _undefined_dtype(img, err) from None
+
+
+#: The header fields that hold the data type code, by format
+_DTYPE_FIELDS = ('datatype', 'type')  # NIfTI/Analyze, MGH
+
+
+def _check_header(img: Any) -> None:
+    """Refuse an image whose header defines nothing: read in the wrong byte order, or
+    declaring a data type its format does not define.
+
+    A header built with ``endianness='>'`` over a little-endian file's bytes (or the
+    reverse) reads every field as garbage; nibabel then raises a bare ``KeyError`` for
+    its data type code, or takes it for another type (int16's code read the other way
+    is int64's). Nothing tells which voxels, zooms or affine such an image means: it is
+    refused with a message saying what happened, before any target is tried.
+
+    Raises
+    ------
+    ValueError
+        Naming the image, its file, the field and what to do.
+
+    Examples
+    --------
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), 'i2'), np.eye(4))
+    >>> _check_header(img)
+    >>> img._header = nib.Nifti1Header(img.header.binaryblock, endianness='>', check=False)
+    >>> try:
+    ...     _check_header(img)
+    ... except ValueError as err:
+    ...     print(str(err)[:73])
+    the header of this Nifti1Image was read in the wrong byte order: its size
+    """
+    header = getattr(img, 'header', None)
+    other = _misread_order(header)
+    if other is not None:
+        kind = type(header).__name__
+        raise ValueError(
+            f'the header of this {_named(img)} was read in the wrong byte order: its '
+            f'sizeof_hdr field reads {int(header["sizeof_hdr"])} (endianness '
+            f'{header.endianness!r}) and {header.sizeof_hdr} the other way, so every field '
+            'of it is garbage and the image cannot be written. Load the image again from '
+            'its file (nibabel.load finds the byte order), or rebuild the header with '
+            f'{kind}(img.header.binaryblock, endianness={other!r})'
+        )
+    _data_dtype(img)
+
+
+def _named(img: Any) -> str:
+    """``Nifti1Image (of /data/a.nii)``: the image's class and file, for messages."""
+    name = img.get_filename() if isinstance(img, FileBasedImage) else None
+    return type(img).__name__ + (f' (of {name})' if name else '')
+
+
+def _misread_order(header: Any) -> str | None:
+    """The byte order a NIfTI/Analyze header's bytes were written in, when it reads them
+    in the other one (its ``sizeof_hdr`` is right only swapped); else None.
+
+    >>> import nibabel as nib
+    >>> hdr = nib.Nifti1Header()
+    >>> misread = nib.Nifti1Header(hdr.binaryblock, endianness='>', check=False)
+    >>> _misread_order(hdr) is None, _misread_order(misread)
+    (True, '<')
+    """
+    expected = getattr(type(header), 'sizeof_hdr', None)
+    structarr = getattr(header, '_structarr', None)
+    if not isinstance(expected, int) or 'sizeof_hdr' not in (structarr.dtype.names or ()):
+        return None
+    field = structarr['sizeof_hdr']
+    if int(field) == expected or int(field.byteswap()) != expected:
+        return None
+    return {'<': '>', '>': '<'}.get(header.endianness)
+
+
+def _undefined_dtype(img: Any, err: BaseException) -> ValueError:
+    """The error for an image whose header declares a data type nibabel cannot name.
+
+    >>> import numpy as np, nibabel as nib
+    >>> img = nib.Nifti1Image(np.zeros((2, 2, 2), 'f4'), np.eye(4))
+    >>> img.header['datatype'] = 9999
+    >>> print(_undefined_dtype(img, KeyError(9999)))  # doctest: +ELLIPSIS
+    the header of this Nifti1Image declares data type code 9999 (its datatype field), ...
+    """
+    header = img.header
+    names = getattr(getattr(header, '_structarr', None), 'dtype', np.dtype([])).names or ()
+    field = next((name for name in _DTYPE_FIELDS if name in names), None)
+    what = (
+        f'data type code {int(header[field])} (its {field} field)'
+        if field is not None
+        else f'a data type nibabel cannot name ({type(err).__name__}: {err})'
+    )
+    return ValueError(
+        f'the header of this {_named(img)} declares {what}, which {type(header).__name__} '
+        'does not define, so what the image holds is not defined and it cannot be '
+        "written. Set the data type with img.set_data_dtype() (such as 'float32'), or "
+        'load the image again from its file'
+    )
 
 
 def _holds(img: Any, target: Target) -> bool:
@@ -340,7 +451,8 @@ def plan(img: Any, target: Target) -> Plan:
     Raises
     ------
     ValueError
-        ``target`` cannot hold the image exactly; the message says why.
+        ``target`` cannot hold the image exactly, or the image's header defines nothing
+        (read in the wrong byte order, an unknown data type code); the message says why.
     ContentChanged
         The header or affine changed while the write was planned (a refusal made then
         may be about an affine half edited by another thread: it is not trusted).
@@ -360,9 +472,21 @@ def plan(img: Any, target: Target) -> Plan:
         isinstance(img, GiftiImage) != (klass is GiftiImage)
     ):
         raise _refuse(img, target, f'nibabel cannot convert it to a {klass.__name__}')
+    _check_header(img)  # a header that defines nothing: refused for every target
     snap = snapshot(img) if klass is not GiftiImage else None
     try:
-        return _plan(img, target, snap)
+        try:
+            return _plan(img, target, snap)
+        except (KeyError, IndexError) as err:
+            # nibabel's code tables (units, intents, xform codes) raise bare lookups
+            # errors for a code they do not know: this target cannot carry that field
+            raise _refuse(
+                img,
+                target,
+                f'nibabel cannot convert a field of its {type(img.header).__name__} '
+                f'({type(err).__name__}: {err}, a code the format does not define); fix '
+                'that field, or ask for another format',
+            ) from None
     except _Refused:
         if snap is not None and snapshot(img) != snap:
             raise ContentChanged('the header or affine changed while planned') from None
@@ -537,7 +661,10 @@ def time_unit(header: Any) -> str | None:
 
 @time_unit.register
 def _(header: nib.Nifti1Header) -> str | None:
-    return header.get_xyzt_units()[1]
+    try:
+        return header.get_xyzt_units()[1]
+    except KeyError:  # a unit code NIfTI does not define: unknown, as no rule
+        return None
 
 
 @time_unit.register

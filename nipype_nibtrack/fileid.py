@@ -11,12 +11,27 @@ timestamps at least :data:`RACY_NS` in the past.
 
 from __future__ import annotations
 
+import errno
 import os
+import stat
 import time
 from collections.abc import Iterable
 from typing import NamedTuple
 
-__all__ = ['RACY_NS', 'FileId', 'absolute', 'all_settled', 'fd_id', 'kernel_path', 'path_id']
+__all__ = [
+    'RACY_NS',
+    'READ_FLAGS',
+    'FileId',
+    'NotRegularFile',
+    'absolute',
+    'all_settled',
+    'fd_id',
+    'kernel_path',
+    'not_regular',
+    'open_regular',
+    'path_id',
+    'regular_opener',
+]
 
 #: How old both timestamps must be before an identity may key a memo (1 s)
 RACY_NS = 1_000_000_000
@@ -131,3 +146,111 @@ def kernel_path(path: str) -> str:
     if '..' not in head.split(os.sep) or name in ('', '.', '..'):
         return path
     return os.path.join(os.path.realpath(head), name)
+
+
+# ------------------------------------------------------------- regular files only
+
+#: How the core opens a user's file to read it. ``O_NONBLOCK``: a FIFO put at the path
+#: would block ``open`` until a writer comes (forever); with it, ``open`` returns and
+#: ``fstat`` tells what was opened (a regular file reads as without it). ``O_NOCTTY``: a
+#: terminal at the path never becomes the process's controlling terminal.
+READ_FLAGS = (
+    os.O_RDONLY
+    | getattr(os, 'O_NONBLOCK', 0)
+    | getattr(os, 'O_NOCTTY', 0)
+    | getattr(os, 'O_CLOEXEC', 0)
+)
+
+_KINDS = (
+    (stat.S_ISDIR, 'a directory'),
+    (stat.S_ISFIFO, 'a FIFO (named pipe)'),
+    (stat.S_ISSOCK, 'a socket'),
+    (stat.S_ISCHR, 'a character device'),
+    (stat.S_ISBLK, 'a block device'),
+)
+
+
+class NotRegularFile(OSError):
+    """A path the core would read names a directory, FIFO, socket or device.
+
+    The core reads only regular files: a FIFO blocks its reader, a device such as
+    ``/dev/zero`` never ends, and none of them holds an image that stays put.
+    """
+
+
+def _kind(mode: int) -> str:
+    return next((what for test, what in _KINDS if test(mode)), 'not a regular file')
+
+
+def _not_regular_error(path: str, mode: int) -> NotRegularFile:
+    code = errno.EISDIR if stat.S_ISDIR(mode) else errno.EINVAL
+    return NotRegularFile(code, f'{path} is {_kind(mode)}, not a regular file')
+
+
+def not_regular(path: str | os.PathLike) -> NotRegularFile | None:
+    """The error for ``path`` when it names something other than a regular file (links
+    followed), else None; a missing file is None too (missing is said elsewhere).
+
+    >>> not_regular('/no/such/file') is None, not_regular(__file__) is None
+    (True, True)
+    >>> print(not_regular('/dev/null'))
+    [Errno 22] /dev/null is a character device, not a regular file
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:  # missing, a loop, a folder we may not enter: the open says it
+        return None
+    return None if stat.S_ISREG(mode) else _not_regular_error(os.fsdecode(path), mode)
+
+
+def open_regular(path: str | os.PathLike) -> int:
+    """A read-only descriptor of the regular file at ``path``; never blocks.
+
+    Opened with :data:`READ_FLAGS`, then ``fstat``: what is checked is what was opened,
+    so a FIFO or a device swapped in at the path between a ``stat`` and the ``open`` is
+    refused too, never read.
+
+    Raises
+    ------
+    NotRegularFile
+        ``path`` names a directory, a FIFO, a socket or a device.
+    OSError
+        It cannot be opened (missing, no permission...).
+
+    Examples
+    --------
+    >>> import os, tempfile
+    >>> fifo = os.path.join(tempfile.mkdtemp(), 'image.nii')
+    >>> os.mkfifo(fifo)
+    >>> open_regular(fifo)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    nipype_nibtrack.fileid.NotRegularFile: [Errno 22] ...image.nii is a FIFO (named pipe), ...
+    """
+    try:
+        fd = os.open(path, READ_FLAGS)
+    except OSError as err:
+        if err.errno == errno.ENXIO:  # a socket: open never opens one
+            refusal = not_regular(path)
+            if refusal is not None:
+                raise refusal from None
+        raise
+    try:
+        mode = os.fstat(fd).st_mode
+    except BaseException:
+        os.close(fd)
+        raise
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _not_regular_error(os.fsdecode(path), mode)
+    return fd
+
+
+def regular_opener(path: str, flags: int) -> int:
+    """An ``opener`` for :func:`open` that opens regular files only (for reading).
+
+    >>> with open(__file__, 'rb', opener=regular_opener) as f:
+    ...     len(f.read(8))
+    8
+    """
+    return open_regular(path)

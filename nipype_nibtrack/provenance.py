@@ -9,7 +9,10 @@ note: the user declares what corresponds to the file.
 from __future__ import annotations
 
 import copyreg
+import functools
+import math
 import os
+import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -18,9 +21,24 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import xxhash
+from nibabel.analyze import AnalyzeImage
+from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
+from nibabel.filename_parser import splitext_addext
+from nibabel.imageclasses import all_image_classes
+from nibabel.openers import ImageOpener
 
-from .fileid import FileId, absolute, all_settled, fd_id, path_id
+from .fileid import (
+    FileId,
+    NotRegularFile,
+    absolute,
+    all_settled,
+    fd_id,
+    not_regular,
+    open_regular,
+    path_id,
+    regular_opener,
+)
 from .snapshot import Snapshot, proxy_spec, snapshot
 
 __all__ = [
@@ -37,6 +55,7 @@ __all__ = [
     'mark_dirty',
     'record_of',
     'source_files',
+    'truncation',
 ]
 
 
@@ -284,6 +303,77 @@ def bound_source(img: Any) -> str | None:
     return f'{path} is no longer the file the image was tied to'
 
 
+_GZIP_TRAILER = 4  # ISIZE: the uncompressed size modulo 2**32, the last 4 bytes
+#: What nibabel opens compressed (.gz, .bz2, .zst, MGH's .mgz)
+_COMPRESSED = tuple(ext for ext in ImageOpener.compress_ext_map if ext)
+
+
+def truncation(img: Any) -> str | None:
+    """Why the file ``img``'s data object reads is shorter than its voxels need, or None.
+
+    A file cut after its header (``os.truncate``, a copy that ran out of space) still
+    loads: nibabel reads voxels only when asked, and the header still matches. A tool
+    given the file fails. The identity of the file holds its size: one ``stat`` tells a
+    plain file's; a gzip file says in its last four bytes how many bytes it inflates to
+    (NIfTI/Analyze files, which hold exactly the header and the voxels, are checked). None
+    when nothing is known to be missing (no proxy read by name, another compression).
+
+    Examples
+    --------
+    >>> import os, shutil, tempfile, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> path = shutil.copy(os.path.join(data_path, 'anatomical.nii'), tempfile.mkdtemp())
+    >>> truncation(nib.load(path)) is None
+    True
+    >>> os.truncate(path, 1000)
+    >>> print(truncation(nib.load(path)))  # doctest: +ELLIPSIS
+    /.../anatomical.nii is truncated: 1000 bytes, its header needs ... bytes of voxels)
+    """
+    dataobj = getattr(img, 'dataobj', None)
+    name = getattr(dataobj, 'file_like', None)
+    if not isinstance(dataobj, ArrayProxy) or not isinstance(name, (str, os.PathLike)):
+        return None
+    path = absolute(name)
+    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
+    offset = int(dataobj.offset)
+    need = offset + voxels
+    try:
+        st = os.stat(path)
+    except OSError:  # missing, or cannot be reached: said by the checks that stat it
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        return None  # said by not_regular
+    if path.lower().endswith('.gz'):
+        size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
+        if size is None or size == need % (1 << 32):
+            return None
+        return (
+            f'{path} is truncated or damaged: its gzip trailer says it inflates to {size} '
+            f'bytes, its header needs {need} ({offset} + {voxels} bytes of voxels)'
+        )
+    if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
+        return None  # a compressed file's size says nothing of what it inflates to
+    return (
+        f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({offset} + '
+        f'{voxels} bytes of voxels)'
+    )
+
+
+def _inflated_size(path: str) -> int | None:
+    """The uncompressed size (modulo 2**32) a gzip file's trailer gives, or None."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    try:
+        size = os.fstat(fd).st_size
+        if size < 18:  # a gzip header and trailer at least
+            return None
+        return int.from_bytes(os.pread(fd, _GZIP_TRAILER, size - _GZIP_TRAILER), 'little')
+    finally:
+        os.close(fd)
+
+
 def source_files(img: Any) -> tuple[str, ...]:
     """Absolute paths of every file an image's content depends on.
 
@@ -381,6 +471,35 @@ def load_options_reason(kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def _files_read_by_load(given: str) -> tuple[str, ...]:
+    """``given`` and the files nibabel opens beside it to load it (a pair's header, a
+    ``.mat``, a ``.REC``, a ``.BRIK``), by the image classes of several files.
+
+    >>> _files_read_by_load('/data/brain.img')
+    ('/data/brain.img', '/data/brain.hdr', '/data/brain.mat')
+    >>> _files_read_by_load('/data/brain.nii')
+    ('/data/brain.nii',)
+    """
+    names = dict.fromkeys([given])
+    _, ext, _ = splitext_addext(given)
+    for klass in _classes_of_several_files(ext.lower()):
+        try:
+            file_map = klass.filespec_to_file_map(given)
+        except Exception:  # not a file name this class takes
+            continue
+        names.update(dict.fromkeys(h.filename for h in file_map.values() if h.filename))
+    return tuple(names)
+
+
+@functools.lru_cache(maxsize=64)
+def _classes_of_several_files(ext: str) -> tuple[type, ...]:
+    return tuple(
+        klass
+        for klass in all_image_classes
+        if len(klass.files_types) > 1 and ext in (e.lower() for e in klass.valid_exts)
+    )
+
+
 def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     """Load an image with :func:`nibabel.load` and keep its provenance.
 
@@ -402,6 +521,12 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
         directory (so ``get_filename()`` is absolute and the image keeps reading the
         file it was opened from); no subclass, nothing patched.
 
+    Raises
+    ------
+    NotRegularFile
+        An ``OSError``: ``path`` names a directory, a FIFO, a socket or a device, from
+        which nibabel would block or read garbage.
+
     Examples
     --------
     >>> import os, nibabel as nib
@@ -413,6 +538,14 @@ def load(path: str | os.PathLike, **kwargs: Any) -> Any:
     'load'
     """
     given = absolute(path)  # nibabel's proxies re-open by name: give them this one
+    for name in _files_read_by_load(given):  # nibabel's open of a FIFO would block
+        refusal = not_regular(name)
+        if refusal is not None:
+            raise NotRegularFile(
+                refusal.errno,
+                f'{refusal.strerror}: nibabel cannot load an image from it. Put the '
+                'image file there, or pass the image file itself',
+            )
     for _ in range(3):
         before = _inode(given)
         img = nib.load(given, **kwargs)
@@ -449,7 +582,7 @@ def mark_clean(img: Any) -> None:
     Raises
     ------
     ValueError
-        When the image has no file, or its file does not exist.
+        When the image has no file, or its file does not exist or is no regular file.
 
     Examples
     --------
@@ -480,6 +613,10 @@ def mark_clean(img: Any) -> None:
     main = main_path(img)
     if ids.get(_key_of(paths, main)) is None:
         raise ValueError(f'cannot mark this {type(img).__name__} clean: {main} does not exist.')
+    for path in paths.values():
+        refusal = not_regular(path)
+        if refusal is not None:
+            raise ValueError(f'cannot mark this {type(img).__name__} clean: {refusal.strerror}')
     # the user declares the files now at the bound paths to be the image's: bind anew
     inodes = {key: None if i is None else (i.dev, i.ino) for key, i in ids.items()}
     source = Binding.of({}, _source_name(img)).source
@@ -539,7 +676,7 @@ def files_digest(paths: dict[str, str]) -> str:
         hasher.update(key.encode() + b'\0')
         if not os.path.exists(path):
             continue
-        with open(path, 'rb') as fobj:
+        with open(path, 'rb', opener=regular_opener) as fobj:
             while block := fobj.read(1 << 24):
                 hasher.update(block)
     return hasher.hexdigest()

@@ -25,6 +25,7 @@ changes these bytes. Anything else, or any difference, falls back to the full ch
 from __future__ import annotations
 
 import os
+import stat
 import threading
 import zlib
 from collections.abc import Iterable, Mapping
@@ -37,7 +38,7 @@ import numpy as np
 from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 
-from .fileid import FileId
+from .fileid import READ_FLAGS, FileId, regular_opener
 from .snapshot import extension_bytes
 
 __all__ = [
@@ -54,7 +55,9 @@ __all__ = [
 _GZIP = ('.gz',)
 _NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place, type
 _MAX_REGION = 1 << 24
-_OPEN_FLAGS = os.O_RDONLY | getattr(os, 'O_CLOEXEC', 0)
+# O_NONBLOCK (READ_FLAGS): a FIFO put at a remembered path never blocks the recheck;
+# its identity differs from the file's, so the check fails
+_OPEN_FLAGS = READ_FLAGS
 _open, _fstat, _pread, _close = os.open, os.fstat, os.pread, os.close
 
 
@@ -170,7 +173,7 @@ def _compressed_length(path: str, plain_length: int) -> int | None:
     """How many raw bytes of a gzip file decompress to at least ``plain_length`` bytes."""
     inflate = zlib.decompressobj(wbits=31)
     fed, out = 0, b''
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:
         while len(out) < plain_length:
             block = fobj.read(512)
             if not block or fed > _MAX_REGION:
@@ -185,7 +188,7 @@ def _region(path: str, key: str, img: Any) -> int | None:
     None when that cannot be told cheaply."""
     if 'header' in img.file_map:  # a pair: .hdr (and .mat) small and whole, .img none
         return 0 if key == 'image' else -1
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:  # never a FIFO, a device
         head = fobj.read(4096)
     if path.endswith(_GZIP):
         try:
@@ -210,6 +213,8 @@ def _read(path: str, length: int) -> tuple[Any, bytes]:
         return 'unreadable', b''
     try:
         st = _fstat(fd)
+        if not stat.S_ISREG(st.st_mode):  # swapped in since _region read the file
+            return 'unreadable', b''
         ident = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
         if length == 0:
             return ident, b''

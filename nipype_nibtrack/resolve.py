@@ -19,8 +19,8 @@ from nibabel.spatialimages import HeaderDataError
 
 from .digest import READ_ERRORS, _Memo, image_digest
 from .export import ContentChanged, Plan, _Refused, choose_plan, export_image
-from .fileid import kernel_path, path_id
-from .provenance import bound_source, load, main_path, source_files
+from .fileid import absolute, kernel_path, not_regular, path_id
+from .provenance import bound_source, load, main_path, source_files, truncation
 from .rules import cleanliness
 from .snapshot import proxy_spec
 from .store import ENV_VAR, Store, get_store
@@ -216,7 +216,13 @@ def image_label(img: Any) -> str:
     if verdict.reason is None:
         return verdict.handed or kernel_path(main_path(img))
     _refuse_unknown_voxels(img, verdict.reason)  # never a label from another file's data
-    return f'{_stem(img)}_{image_digest(img)[:16]}'
+    try:
+        digest = image_digest(img)
+    except _READ_ERRORS as err:
+        if not source_files(img):
+            raise
+        raise _read_error(img, err) from err
+    return f'{_stem(img)}_{digest[:16]}'
 
 
 def _existing_file(value: str | os.PathLike) -> str:
@@ -285,7 +291,7 @@ def _refuse_unknown_voxels(img: Any, reason: str) -> None:
     a replaced file, a re-pointed link), reading it would hand out the other file's
     voxels as this image's. Unless the image holds its data in memory, refuse.
     """
-    why = bound_source(img)
+    why = bound_source(img) or _irregular_source(img) or truncation(img)
     if why is None or any(
         isinstance(getattr(img, name, None), np.ndarray)
         for name in ('_fdata_cache', '_data_cache')
@@ -298,6 +304,17 @@ def _refuse_unknown_voxels(img: Any, reason: str) -> None:
         'it should hold (with an absolute path), or go back to the directory it was '
         'loaded from',
     )
+
+
+def _irregular_source(img: Any) -> str | None:
+    """Why the file a proxy reads by name cannot hold its voxels: a directory, FIFO,
+    socket or device at that name (a FIFO would block the read for ever), which an
+    inode number reused by the file system can hide from :func:`bound_source`."""
+    name = getattr(getattr(img, 'dataobj', None), 'file_like', None)
+    if not isinstance(name, str):
+        return None
+    refusal = not_regular(absolute(name))
+    return None if refusal is None else refusal.strerror
 
 
 @functools.lru_cache(maxsize=4096)

@@ -13,8 +13,11 @@ identity.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
+import gzip
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any, NamedTuple
@@ -33,7 +36,7 @@ from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
-from .fileid import FileId, all_settled, fd_id, kernel_path, path_id
+from .fileid import FileId, all_settled, fd_id, kernel_path, not_regular, path_id, regular_opener
 from .provenance import (
     Record,
     binding_of,
@@ -43,6 +46,7 @@ from .provenance import (
     load_options_reason,
     record_of,
     source_files,
+    truncation,
 )
 from .recheck import Memo, files_unchanged, image_key, may_remember, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
@@ -72,6 +76,52 @@ def _fresh_file_map(paths: dict[str, str]) -> dict[str, FileHolder]:
     return {key: FileHolder(filename=path) for key, path in paths.items()}
 
 
+#: Classes whose default load reads from file objects the core opened (see
+#: :func:`_opened_file_map`); others (PAR/REC in text mode, MINC2 through h5py, AFNI)
+#: are opened by name by nibabel, right after :func:`_irregular_file` checked them.
+_OPENED_CLASSES = (AnalyzeImage, MGHImage)
+_COMPRESSED = tuple(ext for ext in ImageOpener.compress_ext_map if ext)
+_DECOMPRESS = {'.gz': gzip.GzipFile, '.mgz': gzip.GzipFile, '.bz2': bz2.BZ2File}
+
+
+@contextlib.contextmanager
+def _opened(path: str) -> Iterator[Any]:
+    """``path`` open for reading as nibabel opens it (decompressed by its extension),
+    through a descriptor the core opened and checked: a regular file, so a FIFO put at
+    the path after any check cannot block the read (:func:`~.fileid.open_regular`)."""
+    ext = next((e for e in _DECOMPRESS if path.lower().endswith(e)), None)
+    if ext is None and path.lower().endswith(_COMPRESSED):  # .zst: nibabel's opener
+        with ImageOpener(path, 'rb') as fobj:
+            yield fobj
+        return
+    with open(path, 'rb', opener=regular_opener) as raw:
+        if ext is None:
+            yield raw
+            return
+        with _DECOMPRESS[ext](fileobj=raw, mode='rb') as fobj:
+            yield fobj
+
+
+@contextlib.contextmanager
+def _opened_file_map(klass: type, paths: dict[str, str]) -> Iterator[dict[str, FileHolder]]:
+    """A file map for a default load of ``paths``, reading from files opened by
+    :func:`_opened` (closed when the block ends) for the classes that read file objects
+    as they read names; a missing file (an optional ``.mat``) is left to nibabel."""
+    if not issubclass(klass, _OPENED_CLASSES):
+        yield _fresh_file_map(paths)
+        return
+    with contextlib.ExitStack() as stack:
+        holders = {}
+        for key, path in paths.items():
+            try:
+                fobj = stack.enter_context(_opened(path))
+            except FileNotFoundError:
+                holders[key] = FileHolder(filename=path)
+                continue
+            holders[key] = FileHolder(filename=path, fileobj=fobj)
+        yield holders
+
+
 def _release(img: Any) -> None:
     """Close what a reference load holds open (PAR/REC and MINC2 keep handles)."""
     dataobj = img.dataobj
@@ -91,9 +141,10 @@ def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> boo
     byte for byte with the header nibabel loaded. Not through the constructor itself:
     it copies the header with ``from_header``, whose ``check_fix`` repairs it again.
     """
-    header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
-    with header_holder.get_prepare_fileobj(mode='rb') as fobj:
-        raw = klass.header_class.from_fileobj(fobj, check=False)
+    with _opened_file_map(klass, paths) as file_map:
+        header_holder, _ = klass._get_fileholders(file_map)
+        with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+            raw = klass.header_class.from_fileobj(fobj, check=False)
     raw.set_data_offset(0)
     raw.set_slope_inter(None, None)
     want = snapshot(loaded)
@@ -122,8 +173,7 @@ def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
     if plain is not None:
         parts = [plain]
     else:  # compressed: parse what the tool reads
-        header_holder, _ = klass._get_fileholders(_fresh_file_map(paths))
-        with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+        with _opened(header_path) as fobj:
             raw = klass.header_class.from_fileobj(fobj, check=False)
         parts = [header_bytes(raw), extension_bytes(raw)]
     mat = paths.get('mat')
@@ -136,9 +186,9 @@ def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
 def _(img: MGHImage, paths: dict[str, str]) -> bytes:
     path = paths['image']
     if path.endswith(('.mgz', '.gz')):  # the footer would need the whole stream
-        with ImageOpener(path, 'rb') as fobj:
+        with _opened(path) as fobj:
             return fobj.read(img.header_class._hdrdtype.itemsize)
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:
         return header_bytes(img.header_class.from_fileobj(fobj))  # header and footer
 
 
@@ -151,7 +201,7 @@ def _(img: Any, paths: dict[str, str]) -> bytes:
 
 @header_key.register
 def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
-    with ImageOpener(paths['image'], 'rb') as fobj:
+    with _opened(paths['image']) as fobj:
         raw = Nifti2Header.from_fileobj(fobj, check=False)
     return header_bytes(raw) + extension_bytes(raw)  # the CIFTI XML is an extension
 
@@ -166,7 +216,7 @@ def _plain_header_region(path: str, single: bool) -> bytes | None:
         return None
     if not single:
         return _whole_file(path)  # a .hdr holds the header and nothing else
-    with open(path, 'rb') as fobj:
+    with open(path, 'rb', opener=regular_opener) as fobj:
         head = fobj.read(544)
         for order in '<>':
             size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
@@ -190,7 +240,7 @@ def _key_decides(img: Any, paths: dict[str, str]) -> bool:
 
 def _whole_file(path: str) -> bytes:
     try:
-        with open(path, 'rb') as fobj:
+        with open(path, 'rb', opener=regular_opener) as fobj:
             return fobj.read()
     except FileNotFoundError:
         return b'missing'
@@ -209,12 +259,15 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
     hit = _references.get(key)
     if hit is not None:
         return hit
-    fresh = klass.from_file_map(_fresh_file_map(paths))
-    try:
-        snap = snapshot(fresh)
-        repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
-    finally:
-        _release(fresh)
+    with _opened_file_map(klass, paths) as file_map:
+        fresh = klass.from_file_map(file_map)
+        try:
+            snap = snapshot(fresh)
+            repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(
+                klass, paths, fresh
+            )
+        finally:
+            _release(fresh)
     ref = Reference(snap, repaired)
     unchanged = file_identities(paths) == ids and header_key(img, paths) == head
     decided = head is not None and _key_decides(img, paths)
@@ -226,11 +279,12 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
 
 
 def _file_data_digest(klass: type, paths: dict[str, str]) -> str:
-    fresh = klass.from_file_map(_fresh_file_map(paths))
-    try:
-        return data_digest(fresh.dataobj, None, 'F')
-    finally:
-        _release(fresh)
+    with _opened_file_map(klass, paths) as file_map:
+        fresh = klass.from_file_map(file_map)
+        try:
+            return data_digest(fresh.dataobj, None, 'F')
+        finally:
+            _release(fresh)
 
 
 @singledispatch
@@ -268,6 +322,12 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
     replaced = binding.replaced(ids)
     if replaced is not None:
         return f'{replaced} is no longer the file the image was loaded from (replaced or moved)'
+    irregular = _irregular_file(paths)
+    if irregular is not None:
+        return irregular
+    cut = truncation(img)  # a header that still matches, over voxels that are gone
+    if cut is not None:
+        return cut
     if record is not None and record.baseline is None and record.kwargs:
         reason = load_options_reason(record.kwargs)
         if reason is not None:
@@ -293,6 +353,18 @@ def _compare_against_file(img: Any, record: Record | None) -> str | None:
         when = 'marked clean' if record.baseline is not None else 'load'
         return f'file changed on disk since {when} ({reason})'
     return reason
+
+
+def _irregular_file(paths: dict[str, str]) -> str | None:
+    """Why the image's files cannot be read, when one is no regular file (a FIFO would
+    block nibabel's ``open`` for ever, ``/dev/zero`` never ends): checked before any of
+    them is opened by name. The core's own reads open with ``O_NONBLOCK`` and check what
+    they opened (:func:`~nipype_nibtrack.fileid.open_regular`)."""
+    for path in paths.values():
+        refusal = not_regular(path)
+        if refusal is not None:
+            return f'{refusal.strerror}: no image can be read from it'
+    return None
 
 
 def _compare_with_reference(

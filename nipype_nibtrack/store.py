@@ -6,6 +6,8 @@ Layout under the store root::
     objects/ab/ab12...ef/.<stem><ext>.json   manifest: size and xxh3 of every file of the entry
                                              (whole, or by parts), and the version of the
                                              digest that keyed it
+    objects/ab/ab12...ef/..<stem><ext>.json.sealing  the manifest being sealed (see
+                                             Store._seal); gc removes one a kill left
     tmp/<digest>.<random>/                   writes in progress
     locks/<digest>.lock                      flock: exclusive to write or delete, shared to use
 
@@ -79,7 +81,8 @@ _NAME_MAX_BYTES = 200  # file systems allow 255 bytes; the manifest adds '.' and
 _MANIFEST_MAX_BYTES = 1 << 16
 _BLOCK_BYTES = 1 << 24
 _O_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: a FIFO planted in an entry never blocks a reader (fstat then refuses it)
+_O_READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _SPACE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 _ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 #: errno values that say the store, not the image being written, is the problem.
@@ -591,16 +594,21 @@ class Store:
                     if st is not None and [st.st_ino, st.st_mtime_ns] == mark:
                         ctimes[fname] = st.st_ctime_ns
                 data['ctime'] = ctimes
-                sealed = f'.{manifest}.sealing'
+                sealed = _sealing_name(name)
                 flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC
                 fd = os.open(sealed, flags, 0o644, dir_fd=entry_fd)
                 try:
-                    view = memoryview(json.dumps(data).encode())
-                    while view:
-                        view = view[os.write(fd, view) :]
-                finally:
-                    os.close(fd)
-                os.replace(sealed, manifest, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+                    try:
+                        view = memoryview(json.dumps(data).encode())
+                        while view:
+                            view = view[os.write(fd, view) :]
+                    finally:
+                        os.close(fd)
+                    os.replace(sealed, manifest, src_dir_fd=entry_fd, dst_dir_fd=entry_fd)
+                except BaseException:  # never leave a half-written copy beside the entry
+                    with contextlib.suppress(OSError):
+                        os.unlink(sealed, dir_fd=entry_fd)
+                    raise
             finally:
                 os.close(entry_fd)
 
@@ -695,7 +703,7 @@ class Store:
             entry_fd = self._entry_fd(digest, create=True)
             try:
                 # A stale partial entry (a killed writer, a damaged file) goes first
-                for fname in [*files, manifest]:
+                for fname in [*files, manifest, _sealing_name(name)]:
                     try:
                         os.unlink(fname, dir_fd=entry_fd)
                     except FileNotFoundError:
@@ -793,8 +801,41 @@ class Store:
             freed += entry.size
             total -= entry.size
         busy += self._clean_tmp()
+        sealing_busy, sealing_bytes = self._clean_sealing(entries)
         self._clean_locks()
-        return GcReport(removed, freed, len(entries) - removed, busy)
+        return GcReport(
+            removed, freed + sealing_bytes, len(entries) - removed, busy + sealing_busy
+        )
+
+    def _clean_sealing(self, entries: list[_Entry]) -> tuple[int, int]:
+        """Remove the copies of manifests a killed :meth:`_seal` left in kept entries.
+
+        A seal writes ``.<manifest>.sealing`` and renames it over the manifest, under the
+        entry's exclusive lock: a copy found while the lock can be taken is a leftover.
+        Returns (entries busy, bytes freed).
+        """
+        busy = freed = 0
+        for entry in entries:
+            try:
+                names = [n for n in os.listdir(entry.path) if _SEALING.match(n)]
+            except OSError:  # deleted above, or not readable
+                continue
+            if not names:
+                continue
+            try:
+                with self._hold(entry.path.name, wait=False):
+                    for leftover in names:
+                        st = _lstat(entry.path / leftover)
+                        if st is None or not stat.S_ISREG(st.st_mode):
+                            continue
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(entry.path / leftover)
+                            freed += st.st_size
+            except _Busy:
+                busy += 1
+            except OSError as err:
+                logger.warning('gc could not clean %s: %s', entry.path, err)
+        return busy, freed
 
     @staticmethod
     def _unwanted(
@@ -842,6 +883,15 @@ class Store:
 
 def _manifest_name(name: str) -> str:
     return f'.{name}.json'
+
+
+def _sealing_name(name: str) -> str:
+    """The copy of the manifest of entry ``name`` that :meth:`Store._seal` renames into
+    place: never content (no file name the store hands out starts with a dot)."""
+    return f'.{_manifest_name(name)}.sealing'
+
+
+_SEALING = re.compile(r'^\.\..+\.json\.sealing$')
 
 
 def _safe_name(name: object) -> bool:

@@ -9,6 +9,8 @@ on a function of the same name.
 from __future__ import annotations
 
 import os
+import typing as ty
+from collections import OrderedDict
 
 import nibabel as nib
 from fileformats.generic import File
@@ -61,12 +63,33 @@ def images_sum(imgs: list[nib.Nifti1Image]) -> float:
     return float(sum(i.get_fdata().sum() for i in imgs))
 
 
+class ImagePair(ty.NamedTuple):
+    """Images held in a named tuple (a field's value pydra keeps as given)."""
+
+    fixed: nib.Nifti1Image
+    moving: nib.Nifti1Image
+
+
+def pair_sum(pair: ImagePair) -> float:
+    _log_run('pair_sum')
+    assert type(pair) is ImagePair, type(pair)
+    return float(pair.fixed.get_fdata().sum() + 10 * pair.moving.get_fdata().sum())
+
+
+def named_sums(imgs: ty.Any) -> list[float]:
+    _log_run('named_sums')
+    assert type(imgs) is OrderedDict, type(imgs)
+    return [float(i.get_fdata().sum()) for i in imgs.values()]
+
+
 VoxelSum = python.define(voxel_sum)
 AnyImageSum = python.define(any_image_sum)
 Scaled = python.define(scaled)
 FileSize = python.define(file_size)
 NiftiPath = python.define(nifti_path)
 ImagesSum = python.define(images_sum)
+PairSum = python.define(pair_sum)
+NamedSums = python.define(named_sums)
 
 
 def convert_then_sum(in_file: nib.Nifti1Image) -> float:

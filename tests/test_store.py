@@ -496,3 +496,60 @@ def test_a_header_edit_while_the_write_is_planned_is_never_stored_under_the_old_
     written = nib.load(path)
     assert written.header['descrip'] == img.header['descrip']
     assert path.parent.name == nt.image_digest(img)
+
+
+def _killed_while_sealing(store: Store, digest: str, name: str) -> None:
+    """Run ``store.put`` in a child killed (SIGKILL) just as its seal renames the sealed
+    copy of the manifest into place: the copy stays behind in the entry."""
+    pid = os.fork()
+    if pid == 0:
+
+        def hook(event: str, args: tuple) -> None:
+            if event == 'os.rename' and str(args[0]).endswith('.sealing'):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        sys.addaudithook(hook)
+        store.put(digest, name, _text('voxels'))
+        os._exit(0)  # not reached
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+
+
+def _sealing_leftovers(store: Store) -> list[str]:
+    return sorted(p.name for p in store.objects.rglob('*.sealing'))
+
+
+def test_a_seal_killed_midway_leaves_no_content_and_gc_cleans_it(tmp_path):
+    store = Store(tmp_path / 'store')
+    _killed_while_sealing(store, DIGEST, 'brain.nii')
+    assert _sealing_leftovers(store) == ['..brain.nii.json.sealing']
+    # the unsealed manifest stands: the entry is intact and handed out as it is
+    found = store.lookup(DIGEST, 'brain.nii')
+    assert found is not None and found.read_text() == 'voxels'
+    assert store.info().files == 1  # the leftover is no image file
+    report = store.gc(older_than_days=0)  # the entry was used now: kept, leftover gone
+    assert (report.removed, report.kept) == (0, 1)
+    assert report.freed_bytes > 0
+    assert _sealing_leftovers(store) == []
+    assert sorted(p.name for p in found.parent.iterdir()) == ['.brain.nii.json', 'brain.nii']
+    assert store.lookup(DIGEST, 'brain.nii') == found
+
+
+def test_a_leftover_seal_goes_when_its_entry_is_written_again(tmp_path):
+    store = Store(tmp_path / 'store')
+    _killed_while_sealing(store, DIGEST, 'brain.nii')
+    entry = store.entry_dir(DIGEST)
+    (entry / 'brain.nii').write_text('damaged')  # the next put writes the entry again
+    path, written = store.put(DIGEST, 'brain.nii', _text('voxels'))
+    assert written and path.read_text() == 'voxels'
+    assert sorted(p.name for p in entry.iterdir()) == ['.brain.nii.json', 'brain.nii']
+
+
+def test_gc_leaves_the_seal_of_an_entry_being_written(tmp_path):
+    """A seal in progress holds the entry's lock: gc never removes its copy under it."""
+    store = Store(tmp_path / 'store')
+    _killed_while_sealing(store, DIGEST, 'brain.nii')
+    with store._hold(DIGEST):  # as a writer sealing it now
+        report = store.gc(older_than_days=0)
+        assert report.skipped_busy == 1
+        assert _sealing_leftovers(store) == ['..brain.nii.json.sealing']

@@ -25,6 +25,7 @@ never changes the image it was given.
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import os
@@ -36,7 +37,8 @@ from fileformats.generic import File
 from nibabel.filebasedimages import FileBasedImage, ImageFileError
 from pydra.utils.typing import UNION_TYPES, TypeParser
 
-from .. import as_filename, load
+from .. import load
+from .resolving import image_path
 
 __all__ = ['formats_of', 'image_classes', 'install']
 
@@ -111,20 +113,49 @@ def _is_file(value: Any) -> bool:
 
 
 def _map(value: Any, fn: ty.Callable[[Any], Any]) -> Any:
-    """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts.
+    """``value`` with ``fn`` applied to every item at any depth of lists, tuples, dicts
+    and sets.
 
-    Lists and tuples keep their type (pydra validates the value again).
+    Containers keep their type (pydra validates the value again): a named tuple, a list
+    or dict subclass (an ``OrderedDict``, a ``defaultdict`` with its factory) comes back
+    as one.
+
+    >>> import collections
+    >>> Pair = collections.namedtuple('Pair', 'a b')
+    >>> _map(Pair(1, [2, {'x': 3}]), lambda v: v * 10)
+    Pair(a=10, b=[20, {'x': 30}])
     """
-    if isinstance(value, (list, tuple)):
-        return type(value)(_map(v, fn) for v in value)
+    if isinstance(value, tuple):
+        return _rebuilt_tuple(value, [_map(v, fn) for v in value])
+    if isinstance(value, list):
+        new = copy.copy(value)  # a subclass keeps its class and attributes
+        new[:] = [_map(v, fn) for v in value]
+        return new
     if isinstance(value, dict):
-        return {k: _map(v, fn) for k, v in value.items()}
+        new = copy.copy(value)  # a defaultdict keeps its factory, an OrderedDict its order
+        for k, v in value.items():
+            new[k] = _map(v, fn)
+        return new
+    if isinstance(value, (set, frozenset)):
+        return type(value)(_map(v, fn) for v in value)
     return fn(value)
+
+
+def _rebuilt_tuple(value: tuple, items: list) -> tuple:
+    """A tuple of ``value``'s type holding ``items``: a named tuple by its fields."""
+    klass = type(value)
+    if klass is tuple:
+        return tuple(items)
+    make = getattr(klass, '_make', None)  # collections.namedtuple, typing.NamedTuple
+    try:
+        return make(items) if callable(make) else klass(items)
+    except TypeError:  # a subclass whose constructor takes other arguments
+        return tuple(items)
 
 
 def _leaves(value: Any) -> ty.Iterator[Any]:
     """The items :func:`_map` applies its function to, in the same order."""
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, (list, tuple, set, frozenset)):
         for v in value:
             yield from _leaves(v)
     elif isinstance(value, dict):
@@ -145,7 +176,7 @@ def _convert(value: Any, to_file: bool, formats: tuple[str, ...] | None, label: 
     def convert(item: Any) -> Any:
         try:
             if to_file and _is_image(item):
-                return _ImagePath(as_filename(item, formats=formats))
+                return _ImagePath(image_path(item, formats))
             if not to_file and _is_file(item):
                 return load(os.fspath(item))
         except (OSError, ValueError, TypeError, ImageFileError) as err:
@@ -202,7 +233,7 @@ def _detach(value: Any, label: str) -> Any:
         if not _is_image(item):
             return item
         try:
-            fresh = load(as_filename(item))
+            fresh = load(image_path(item))
         except (OSError, ValueError, TypeError, ImageFileError) as err:
             raise _unusable(item, label, err) from err
         return fresh if type(fresh) is type(item) else item

@@ -29,9 +29,9 @@ from nibabel.filebasedimages import FileBasedImage
 from pydra.utils import hash as pydra_hash
 from pydra.utils.hash import Cache, bytes_repr, register_serializer
 
-from .. import as_filename
 from .coercion import image_classes
 from .pickling import register
+from .resolving import image_path
 
 __all__ = ['install']
 
@@ -42,7 +42,7 @@ _pydra_repr = {kind: bytes_repr.dispatch(kind) for kind in _TYPE_KINDS}
 
 def _image_repr(img: FileBasedImage, cache: Cache) -> Iterator[Any]:
     register(type(img))  # a class defined after install(): its jobs pickle small too
-    path = as_filename(img)
+    path = image_path(img)
     st = os.stat(path)
     chunks = bytes_repr(File(path), cache)
     next(chunks)  # pydra's (path, mtime) cache key: replaced by the file's full identity

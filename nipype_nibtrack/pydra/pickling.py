@@ -22,8 +22,8 @@ from typing import Any
 import cloudpickle
 from nibabel.filebasedimages import FileBasedImage
 
-from .. import as_filename
 from .. import load_reference as core_load_reference
+from .resolving import image_path
 
 __all__ = ['MissingImageFile', 'install', 'load_reference', 'reduce_image', 'register']
 
@@ -68,7 +68,7 @@ def reduce_image(img: FileBasedImage) -> Any:
     'load_reference'
     """
     try:
-        return load_reference, (as_filename(img),)
+        return load_reference, (image_path(img),)
     except (ValueError, TypeError) as err:
         logger.warning('nipype_nibtrack: pickling a %s whole: %s', type(img).__name__, err)
         return img.__reduce_ex__(4)
