@@ -32,7 +32,8 @@ from nibabel.minc1 import MincImageArrayProxy
 from nibabel.parrec import PARRECArrayProxy
 
 from . import provenance
-from .fileid import absolute, fd_id, not_regular, path_id, regular_opener
+from .fileid import absolute, fd_id, path_id, regular_opener
+from .opening import load_opened, release
 
 __all__ = ['register_image_class']
 
@@ -81,15 +82,13 @@ class _Reopen:
             dataobj = self.dataobj_class.__new__(self.dataobj_class)
             dataobj.__dict__.update(self.state, file_like=fobj)
             return dataobj
-        # MINC1 (NetCDF map) and MINC2 (h5py file): load the data object again
-        before = path_id(self.path)
-        self._check(before, lambda: None)
-        refusal = not_regular(self.path)  # nibabel's open of a FIFO would block
-        if refusal is not None:
-            raise refusal
-        fresh = self.image_class.from_filename(self.path)
+        # MINC1 (NetCDF map) and MINC2 (h5py file): load the data object again, from
+        # the file the core opens (never a FIFO or a device: see .opening)
         self._check(path_id(self.path), lambda: None)
-        return fresh.dataobj
+        with load_opened(self.image_class, {'image': self.path}, hold=True) as fresh:
+            dataobj = fresh.dataobj
+        self._check(path_id(self.path), lambda: release(fresh))
+        return dataobj
 
     def _check(self, ident: Any, close: Any) -> None:
         if self.inode is not None and (ident is None or (ident.dev, ident.ino) != self.inode):

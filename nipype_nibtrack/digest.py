@@ -24,6 +24,7 @@ from nibabel.brikhead import AFNIArrayProxy
 from nibabel.gifti import GiftiImage
 
 from .fileid import fd_id, path_id
+from .opening import reading
 from .snapshot import ProxySpec, proxy_spec, snapshot
 
 try:
@@ -42,6 +43,7 @@ __all__ = [
     'image_digest',
     'numpy_gather',
     'proxy_blocks',
+    'read_array',
     'update_with_array',
 ]
 
@@ -347,13 +349,21 @@ def proxy_blocks(dataobj: Any, dtype: Any = None, *, raw: bool = False) -> Itera
 
     ``raw``: the stored values, read straight from the file in blocks (never the whole
     array, never a float copy); else the values ``np.asanyarray(dataobj, dtype)`` shows,
-    computed a slab at a time with nibabel's own scaling.
+    computed a slab at a time with nibabel's own scaling. A proxy's file is opened once,
+    by the core (:func:`~nipype_nibtrack.opening.reading`), never by name by nibabel.
 
     Raises
     ------
     EOFError
         The file is shorter than the proxy's shape says.
+    NotRegularFile
+        A FIFO, a directory or a device is at the proxy's file name.
     """
+    with reading(dataobj) as dataobj:
+        yield from _blocks(dataobj, dtype, raw)
+
+
+def _blocks(dataobj: Any, dtype: Any, raw: bool) -> Iterator[np.ndarray]:
     if raw and _streams_file(dataobj):
         yield from _file_blocks(dataobj)
         return
@@ -371,6 +381,18 @@ def proxy_blocks(dataobj: Any, dtype: Any = None, *, raw: bool = False) -> Itera
     yield from f_blocks(np.asanyarray(dataobj.get_unscaled() if raw else dataobj, dtype=dtype))
 
 
+def read_array(dataobj: Any, dtype: Any = None, *, raw: bool = False) -> np.ndarray:
+    """``np.asanyarray(dataobj, dtype)`` (the stored values with ``raw``), a proxy's
+    file read through a descriptor the core opened (:func:`~.opening.reading`).
+
+    >>> import numpy as np
+    >>> read_array(np.arange(3), 'f4').dtype
+    dtype('float32')
+    """
+    with reading(dataobj) as obj:
+        return obj.get_unscaled() if raw else np.asanyarray(obj, dtype=dtype)
+
+
 def _proxy_slab(dataobj: ArrayProxy, slicer: tuple, dtype: Any, raw: bool) -> np.ndarray:
     if raw:
         return np.asanyarray(dataobj._get_unscaled(slicer))
@@ -379,7 +401,8 @@ def _proxy_slab(dataobj: ArrayProxy, slicer: tuple, dtype: Any, raw: bool) -> np
 
 
 def _file_blocks(dataobj: ArrayProxy) -> Iterator[np.ndarray]:
-    """The stored bytes of an F-ordered proxy, read sequentially into one buffer."""
+    """The stored bytes of an F-ordered proxy, read sequentially into one buffer (a
+    proxy from :func:`~.opening.reading`: it opens nothing by name)."""
     dtype = dataobj.dtype
     total = int(np.prod(dataobj.shape, dtype=np.int64)) * dtype.itemsize
     step = BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize
@@ -426,8 +449,7 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
     if key is not None and (hit := _proxy_digests.get(key)) is not None:
         return hit
     if order == 'C' or not isinstance(dataobj, ArrayProxy) or isinstance(dataobj, AFNIArrayProxy):
-        arr = dataobj.get_unscaled() if raw else np.asanyarray(dataobj, dtype=dtype)
-        digest = array_digest(arr, order)
+        digest = array_digest(read_array(dataobj, dtype, raw=raw), order)
     else:
         out_dtype = dataobj.dtype if raw else _shown_dtype(dataobj, dtype)
         hasher = _hasher(out_dtype, dataobj.shape)
@@ -442,8 +464,9 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
 def _shown_dtype(dataobj: Any, dtype: Any) -> np.dtype:
     """The dtype ``np.asanyarray(dataobj, dtype)`` has, computed without reading data."""
     if isinstance(dataobj, ArrayProxy) and not isinstance(dataobj, AFNIArrayProxy):
-        return np.asanyarray(dataobj._get_scaled(dtype=dtype, slicer=_empty(dataobj))).dtype
-    return np.asanyarray(dataobj, dtype=dtype).dtype
+        with reading(dataobj) as proxy:  # an empty slab: nothing read, the file opened
+            return np.asanyarray(proxy._get_scaled(dtype=dtype, slicer=_empty(dataobj))).dtype
+    return read_array(dataobj, dtype).dtype
 
 
 def _empty(dataobj: ArrayProxy) -> tuple:

@@ -50,7 +50,9 @@ from .digest import (
     held_cache,
     meta_digest,
     proxy_blocks,
+    read_array,
 )
+from .opening import reading
 from .snapshot import extension_bytes, snapshot
 
 __all__ = [
@@ -386,7 +388,7 @@ def _value_blocks(values: Any, dtype: Any, raw: bool, *, copy: bool = False):
         return f_blocks(values, copy=copy)
     if raw or (isinstance(values, ArrayProxy) and not isinstance(values, AFNIArrayProxy)):
         return proxy_blocks(values, dtype, raw=raw)
-    return f_blocks(np.asanyarray(values, dtype=dtype))
+    return f_blocks(read_array(values, dtype))
 
 
 def _le(dtype: np.dtype) -> np.dtype:
@@ -518,7 +520,7 @@ def _plan(img: Any, target: Target, snap: Any) -> Plan:
             # Scaling the target cannot store: hash the stored values, write them scaled
             scaled = values
     if src is None:  # PARREC, MINC, AFNI: read as the digest reads them
-        values = np.asanyarray(values)
+        values = read_array(values)
         src = values.dtype
     shown = _scaled_dtype(scaled) if scaled is not None else np.dtype(src)
     alias = getattr(img, '_dtype_alias', None)
@@ -746,13 +748,14 @@ def _check_readable(img: Any, target: Target, out: Any) -> None:
 
 def _finalized_alias(img: Any, values: Any, alias: str) -> np.dtype:
     """The dtype nibabel's ``get_data_dtype(finalize=True)`` picks for ``alias``."""
-    probe = nib.Nifti1Image(np.asanyarray(values), None)
+    probe = nib.Nifti1Image(read_array(values), None)
     probe.set_data_dtype(alias)
     return np.dtype(probe.get_data_dtype(finalize=True))
 
 
 def _scaled_dtype(dataobj: Any) -> np.dtype:
-    return np.asanyarray(dataobj._get_scaled(dtype=None, slicer=_empty_slicer(dataobj))).dtype
+    with reading(dataobj) as proxy:  # an empty slab: nothing read, the file opened
+        return np.asanyarray(proxy._get_scaled(dtype=None, slicer=_empty_slicer(proxy))).dtype
 
 
 def _apply_scaling(proxy: ArrayProxy, raw: np.ndarray) -> np.ndarray:
@@ -949,8 +952,9 @@ class _HashingFile:
     within an adopted part, makes the hash unusable (``valid`` False), never wrong.
     """
 
-    def __init__(self, fileobj: Any):
+    def __init__(self, fileobj: Any, name: str | None = None):
         self._f = fileobj
+        self._name = name
         self._pos = 0
         self._parts: list[tuple[int, bytes, Any]] = []
         self._own = True
@@ -996,7 +1000,7 @@ class _HashingFile:
         """Reserve the file's next ``nbytes`` on disk before writing them (see
         :func:`_preallocate`)."""
         with contextlib.suppress(AttributeError, io.UnsupportedOperation):
-            _preallocate(self._f.fileno(), self._pos, nbytes)
+            _preallocate(self._f.fileno(), self._pos, nbytes, self._name)
 
     def digest(self) -> str | list[tuple[int, str, str]]:
         """The hex of the whole file, or its parts (empty ones left out)."""
@@ -1036,7 +1040,7 @@ _NO_PREALLOCATION = frozenset(
 )
 
 
-def _preallocate(fd: int, offset: int, nbytes: int) -> None:
+def _preallocate(fd: int, offset: int, nbytes: int, name: str | None = None) -> None:
     """Reserve ``nbytes`` of ``fd`` from ``offset`` on disk, in one call.
 
     ext4 (and XFS) otherwise reserve blocks page by page as the write fills the page
@@ -1047,13 +1051,15 @@ def _preallocate(fd: int, offset: int, nbytes: int) -> None:
     raised now, before anything is written. Only up to :data:`_PREALLOCATE_MAX`:
     writing into larger preallocated ranges was slower here (512 MiB: 0.6-1.3 s
     against 0.15-0.35 s), the kernel converting their extents as it writes them back.
+    Any other failure raises an OSError naming the file (``name``), which the store
+    reports as its own when the file is in it.
     """
     if _FALLOCATE is None or not 0 < nbytes <= _PREALLOCATE_MAX:
         return
     if _FALLOCATE(fd, _KEEP_SIZE, offset, nbytes) != 0:
         err = ctypes.get_errno()
         if err not in _NO_PREALLOCATION:
-            raise OSError(err, os.strerror(err))
+            raise OSError(err, f'reserving {nbytes} bytes failed: {os.strerror(err)}', name)
 
 
 def write_plan(p: Plan, path: str | os.PathLike) -> Written:
@@ -1076,7 +1082,8 @@ def write_plan(p: Plan, path: str | os.PathLike) -> Written:
         fileobj = holder.get_prepare_fileobj(mode='wb')
         if type(getattr(fileobj, 'fobj', None)) is not io.BufferedWriter:
             return fileobj  # compressed (.gz, .mgz): the bytes written are not the file's
-        wrapped = opened[os.path.basename(holder.filename)] = _HashingFile(fileobj)
+        wrapped = _HashingFile(fileobj, holder.filename)
+        opened[os.path.basename(holder.filename)] = wrapped
         return wrapped
 
     def voxels(fileobj: Any, offset: int) -> None:
@@ -1168,14 +1175,15 @@ def export_image(
                 ),
                 cache.dtype,
             )
-        out = Cifti2Image(
-            img.dataobj if cache is None else cache,
-            header=img.header,
-            nifti_header=img.nifti_header,
-            extra=img.extra,
-            dtype=dtype,
-        )
-        out.to_filename(os.fspath(path))
+        with reading(img.dataobj if cache is None else cache) as values:
+            out = Cifti2Image(
+                values,
+                header=img.header,
+                nifti_header=img.nifti_header,
+                extra=img.extra,
+                dtype=dtype,
+            )
+            out.to_filename(os.fspath(path))  # reads the voxels: from the file we opened
         return None
     return write_plan(p, path)
 

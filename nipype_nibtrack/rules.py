@@ -13,11 +13,8 @@ identity.
 
 from __future__ import annotations
 
-import bz2
-import contextlib
-import gzip
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import singledispatch
 from typing import Any, NamedTuple
@@ -27,16 +24,17 @@ from nibabel.analyze import AnalyzeImage
 from nibabel.brikhead import AFNIImage
 from nibabel.cifti2 import Cifti2Image
 from nibabel.filebasedimages import FileBasedImage
-from nibabel.fileholders import FileHolder
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
-from nibabel.minc1 import Minc1Image, MincImageArrayProxy
+from nibabel.minc1 import Minc1Image
 from nibabel.nifti2 import Nifti2Header
-from nibabel.openers import ImageOpener
-from nibabel.parrec import PARRECArrayProxy, PARRECImage
+from nibabel.parrec import PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, all_settled, fd_id, kernel_path, not_regular, path_id, regular_opener
+from .opening import load_opened
+from .opening import opened as _opened
+from .opening import opened_file_map as _opened_file_map
 from .provenance import (
     Record,
     binding_of,
@@ -70,67 +68,6 @@ class Reference:
 
 
 _references = _Memo(1024)
-
-
-def _fresh_file_map(paths: dict[str, str]) -> dict[str, FileHolder]:
-    return {key: FileHolder(filename=path) for key, path in paths.items()}
-
-
-#: Classes whose default load reads from file objects the core opened (see
-#: :func:`_opened_file_map`); others (PAR/REC in text mode, MINC2 through h5py, AFNI)
-#: are opened by name by nibabel, right after :func:`_irregular_file` checked them.
-_OPENED_CLASSES = (AnalyzeImage, MGHImage)
-_COMPRESSED = tuple(ext for ext in ImageOpener.compress_ext_map if ext)
-_DECOMPRESS = {'.gz': gzip.GzipFile, '.mgz': gzip.GzipFile, '.bz2': bz2.BZ2File}
-
-
-@contextlib.contextmanager
-def _opened(path: str) -> Iterator[Any]:
-    """``path`` open for reading as nibabel opens it (decompressed by its extension),
-    through a descriptor the core opened and checked: a regular file, so a FIFO put at
-    the path after any check cannot block the read (:func:`~.fileid.open_regular`)."""
-    ext = next((e for e in _DECOMPRESS if path.lower().endswith(e)), None)
-    if ext is None and path.lower().endswith(_COMPRESSED):  # .zst: nibabel's opener
-        with ImageOpener(path, 'rb') as fobj:
-            yield fobj
-        return
-    with open(path, 'rb', opener=regular_opener) as raw:
-        if ext is None:
-            yield raw
-            return
-        with _DECOMPRESS[ext](fileobj=raw, mode='rb') as fobj:
-            yield fobj
-
-
-@contextlib.contextmanager
-def _opened_file_map(klass: type, paths: dict[str, str]) -> Iterator[dict[str, FileHolder]]:
-    """A file map for a default load of ``paths``, reading from files opened by
-    :func:`_opened` (closed when the block ends) for the classes that read file objects
-    as they read names; a missing file (an optional ``.mat``) is left to nibabel."""
-    if not issubclass(klass, _OPENED_CLASSES):
-        yield _fresh_file_map(paths)
-        return
-    with contextlib.ExitStack() as stack:
-        holders = {}
-        for key, path in paths.items():
-            try:
-                fobj = stack.enter_context(_opened(path))
-            except FileNotFoundError:
-                holders[key] = FileHolder(filename=path)
-                continue
-            holders[key] = FileHolder(filename=path, fileobj=fobj)
-        yield holders
-
-
-def _release(img: Any) -> None:
-    """Close what a reference load holds open (PAR/REC and MINC2 keep handles)."""
-    dataobj = img.dataobj
-    if isinstance(dataobj, PARRECArrayProxy):
-        dataobj.file_like.close()
-    elif isinstance(dataobj, MincImageArrayProxy):
-        close = getattr(dataobj.minc_file._mincfile, 'close', None)
-        if close is not None:
-            close()
 
 
 def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> bool:
@@ -259,15 +196,9 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
     hit = _references.get(key)
     if hit is not None:
         return hit
-    with _opened_file_map(klass, paths) as file_map:
-        fresh = klass.from_file_map(file_map)
-        try:
-            snap = snapshot(fresh)
-            repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(
-                klass, paths, fresh
-            )
-        finally:
-            _release(fresh)
+    with load_opened(klass, paths) as fresh:  # never opened by name (see .opening)
+        snap = snapshot(fresh)
+        repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
     ref = Reference(snap, repaired)
     unchanged = file_identities(paths) == ids and header_key(img, paths) == head
     decided = head is not None and _key_decides(img, paths)
@@ -279,12 +210,8 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
 
 
 def _file_data_digest(klass: type, paths: dict[str, str]) -> str:
-    with _opened_file_map(klass, paths) as file_map:
-        fresh = klass.from_file_map(file_map)
-        try:
-            return data_digest(fresh.dataobj, None, 'F')
-        finally:
-            _release(fresh)
+    with load_opened(klass, paths) as fresh:
+        return data_digest(fresh.dataobj, None, 'F')
 
 
 @singledispatch

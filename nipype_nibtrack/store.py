@@ -89,6 +89,21 @@ _ACCESS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 _STORE_ERRNOS = _SPACE | _ACCESS | frozenset({errno.ENAMETOOLONG, errno.EMLINK, errno.EXDEV})
 
 
+def _names_a_file_in(err: OSError, folder: Path) -> bool:
+    """True when ``err`` names a file in ``folder``: an entry being written, whatever
+    its errno, is the store's problem (a read of the image raises its own errors).
+
+    >>> _names_a_file_in(OSError(5, 'Input/output error', '/s/tmp/x/a.nii'), Path('/s/tmp/x'))
+    True
+    >>> _names_a_file_in(OSError(5, 'Input/output error'), Path('/s/tmp/x'))
+    False
+    """
+    name = err.filename
+    if not isinstance(name, (str, os.PathLike)):
+        return False
+    return Path(os.path.dirname(os.fspath(name))) == folder
+
+
 class StoreError(OSError):
     """Writing to or reading from the store failed.
 
@@ -627,7 +642,7 @@ class Store:
             except StoreError:
                 raise
             except OSError as err:
-                if err.errno not in _STORE_ERRNOS:
+                if err.errno not in _STORE_ERRNOS and not _names_a_file_in(err, tmpdir):
                     raise
                 raise self._error(err, f'writing {name}') from err
             try:
