@@ -121,6 +121,8 @@ class _Missing(io.RawIOBase):
         return True
 
 
+#: Files an image's load reads only when they exist (an SPM image's affine)
+_OPTIONAL = frozenset({'mat'})
 #: The files of a class that nibabel reads as text (``open(name, 'rt')``), by class
 _TEXT_FILES: dict[type, tuple[str, ...]] = {PARRECImage: ('header',), AFNIImage: ('header',)}
 
@@ -134,9 +136,9 @@ def opened_file_map(klass: type, paths: dict[str, str]) -> Iterator[dict[str, Fi
     """A file map of ``paths`` for ``klass``'s default load, every holder a file object
     :func:`opened` made (text where nibabel reads text), closed when the block ends.
 
-    Each holder keeps its file name too, as nibabel's own maps do. A file that does not
-    exist is a holder whose first read raises FileNotFoundError (nibabel skips a
-    missing ``.mat``; any other missing file fails the load).
+    Each holder keeps its file name too, as nibabel's own maps do. A missing ``.mat``
+    (optional: nibabel's load goes without it) is a holder whose first read raises
+    FileNotFoundError; any other missing file raises it here.
     """
     text = _text_files(klass)
     with contextlib.ExitStack() as stack:
@@ -145,6 +147,8 @@ def opened_file_map(klass: type, paths: dict[str, str]) -> Iterator[dict[str, Fi
             try:
                 fobj = stack.enter_context(opened(path, text=key in text))
             except FileNotFoundError:
+                if key not in _OPTIONAL:
+                    raise
                 fobj = _Missing(path)
             holders[key] = FileHolder(filename=path, fileobj=fobj)
         yield holders

@@ -431,7 +431,12 @@ def _write(
     if _identities(files) != before:  # what was written may not be what was digested
         raise _SourceChanged
     # GIFTI, CIFTI-2: nibabel wrote them from the object; digest it again
-    got = image_digest(img) if written is None else written.digest
+    try:
+        got = image_digest(img) if written is None else written.digest
+    except _READ_ERRORS as err:  # its file read again, and no longer readable
+        if _identities(files) != before:
+            raise _SourceChanged from err
+        raise _read_error(img, err) from err
     if got != digest:  # the files did not change (checked above): the image did
         raise _SourceChanged(image=True)
     return {} if written is None else written.files
