@@ -254,3 +254,27 @@ def test_a_refusal_made_while_the_affine_was_edited_is_retried(tmp_path, monkeyp
     written = nib.load(path)
     assert written.affine[0, 3] == img.affine[0, 3] == 1.0
     assert type(written) is nib.Nifti1Image
+
+
+def test_a_preallocation_failing_for_another_reason_names_the_store_and_file(
+    tmp_path, monkeypatch
+):
+    """fallocate failing with an errno the store does not map (an I/O error): the
+    error names the file, and the store reports it in its own words, with its root."""
+    import ctypes
+
+    def failing(fd, mode, offset, nbytes):
+        ctypes.set_errno(errno.EIO)
+        return -1
+
+    monkeypatch.setattr(export_mod, '_FALLOCATE', failing)
+    store = Store(tmp_path / 'store')
+    img = nib.Nifti1Image(np.arange(1000, dtype='f4').reshape(10, 10, 10), np.eye(4))
+    with pytest.raises(StoreError, match='Input/output error') as err:
+        nt.as_filename(img, store=store)
+    message = str(err.value)
+    assert f'in the image store at {store.root}' in message and 'reserving 4000 bytes' in message
+    assert err.value.errno == errno.EIO
+    with pytest.raises(OSError, match='Input/output error') as direct:  # outside a store
+        export_mod.export_image(img, choose_target(img, None), tmp_path / 'out.nii')
+    assert direct.value.filename == str(tmp_path / 'out.nii')
