@@ -34,6 +34,7 @@ from nibabel.parrec import PARRECArrayProxy, PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, all_settled, fd_id, kernel_path, path_id
+from .frozen import Frozen, freeze
 from .provenance import (
     Record,
     binding_of,
@@ -44,7 +45,7 @@ from .provenance import (
     record_of,
     source_files,
 )
-from .recheck import Memo, files_unchanged, image_key, may_remember, memo_for, still_clean
+from .recheck import Memo, files_unchanged, image_key, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
 __all__ = [
@@ -483,40 +484,55 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             ids = still_clean(img, memo)
             if ids is not None:  # nothing it rested on moved: a few system calls
                 return _new(Cleanliness, (None, ids, memo.handed, None))
-    files = source_files(img)
-    alone = may_remember()  # no other thread could edit and restore it meanwhile
+    # Checked on a private copy of the image, and remembered under the key read from that
+    # copy: whatever another thread does to the image meanwhile (edit it, restore it),
+    # the verdict filed is the one for the state it is filed under (see .frozen)
+    frozen = freeze(img) if simple else None
+    subject = img if frozen is None else frozen.image
+    files = source_files(subject)
     for _ in range(3):
-        memo = _memo(img) if simple and alone else None  # read before, compared after
+        memo = _memo(frozen)  # the files' side read before, compared after
         before = {path: path_id(path) for path in files}
-        record = record_of(img)
+        record = record_of(subject)
         if record is not None and record.forced_dirty:
             reason = 'marked dirty by the user'
         else:
-            reason = cleanliness_rule(img, record)
+            reason = cleanliness_rule(subject, record)
         after = {path: path_id(path) for path in files}
         if after == before:
-            # not while a mark_clean compares the files' bytes whole (fresh identities):
-            # a remembered verdict re-reads the headers only
-            keep = reason is None and memo is not None and record is not None
-            keep = keep and record.file_bytes is None
-            if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
-                record.verdict = memo
+            if frozen is not None and _learn(frozen, memo, reason, after):
+                return Cleanliness(reason, after, memo.handed)
             return Cleanliness(reason, after)
     return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
 
 
-def _memo(img: Any) -> Memo | None:
-    if image_key(img) is None:
+def _learn(frozen: Frozen, memo: Memo | None, reason: str | None, files: dict) -> bool:
+    """File what a check of ``frozen``'s copy learnt in the image's own record.
+
+    True when a clean verdict is remembered (under ``memo``, whose image side was read
+    from the very copy checked); not while a ``mark_clean`` compares the files' bytes
+    whole (fresh identities): a remembered verdict re-reads the headers only.
+    """
+    record, source = frozen.record, frozen.source
+    if record.file_bytes is None:
+        source.file_bytes = None  # verified after settling, for these very identities
+    keep = reason is None and memo is not None and record.file_bytes is None
+    if keep and _memo(frozen) == memo and set(memo.files_paths()) == set(files):
+        source.verdict = record.verdict = memo
+        return True
+    return False
+
+
+def _memo(frozen: Frozen | None) -> Memo | None:
+    if frozen is None:
         return None
-    binding = binding_of(img)
-    if binding is None:
-        return None
-    main = binding.paths.get(type(img).files_types[0][0])
+    paths = frozen.record.binding.paths
+    main = paths.get(type(frozen.image).files_types[0][0])
     # only when the path handed out is a path the recheck reads: through a '..' the
     # kernel's path is another name, which a moved folder can give to another file
     if main is None or kernel_path(main) != main:
         return None
-    return memo_for(img, binding.paths, main)
+    return memo_for(frozen.image, paths, main)
 
 
 def dirty_reason(img: Any) -> str | None:
