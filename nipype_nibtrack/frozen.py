@@ -40,13 +40,11 @@ from typing import Any
 
 import numpy as np
 
-from .provenance import _PRIVATE, Record, binding_of, give_private_record, record_of
+from .provenance import _FROZEN, _PRIVATE, Record, binding_of, give_private_record, record_of
 from .recheck import image_key
 from .snapshot import private_proxy
 
 __all__ = ['Frozen', 'freeze', 'frozen_of']
-
-_FROZEN = '_nibtrack_frozen'  # in a private copy's own __dict__: the key read from it
 
 
 @dataclass(frozen=True, eq=False)
@@ -159,7 +157,9 @@ def _copy_header(header: Any) -> Any:
 
 
 def _copy_extension(ext: Any) -> Any:
-    raw = ext.content  # its bytes, synced from its object if it has one: read once
+    # its bytes, synced from its object if it has one, read once (and copied when the
+    # object is a bytearray, which the plain extension class keeps as its content)
+    raw = bytes(ext.content)
     copy = _copy_plain(ext)
     copy.__dict__.pop('_object', None)  # decoded again from ``raw`` if ever asked for
     copy._raw = raw

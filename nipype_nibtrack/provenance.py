@@ -132,8 +132,11 @@ class Record:
 _records: dict[int, tuple[weakref.ref, Record]] = {}
 _lock = threading.Lock()
 # In a private copy of an image (see :mod:`.frozen`), its own __dict__ holds
-# (its private record, the record it was copied from): nothing else refers to it
+# (its private record, the record it was copied from) and the key read from it: nothing
+# else refers to the copy. Copies and pickles of it drop them (see .copies).
 _PRIVATE = '_nibtrack_private_record'
+_FROZEN = '_nibtrack_frozen'
+PRIVATE_SLOTS = (_PRIVATE, _FROZEN)
 _NO_STATE: dict = {}
 
 

@@ -358,9 +358,13 @@ def resolve_memoised(
     if isinstance(value, (str, os.PathLike)):
         return resolve(value, formats=formats, store=store)
     accepted = normalise_formats(formats)
+    marker = _store_marker(store)
+    # the store the answer is kept under is the one written to, not one chosen meanwhile
+    # by another thread (a default store is looked up by resolve: clean images need none)
+    target = marker[1] if marker[0] != 'default' else None
     return _remember(
         value,
-        ('resolve', accepted, _store_marker(store)),
-        lambda subject: resolve(subject, formats=accepted, store=store),
+        ('resolve', accepted, marker),
+        lambda subject: resolve(subject, formats=accepted, store=target),
         _entry_check,
     )

@@ -639,3 +639,41 @@ def _content(img) -> tuple:
         [(ext.code, ext.content) for ext in img.header.extensions],
         np.asarray(img.dataobj).tobytes(),
     )
+
+
+def test_a_proxy_changed_and_restored_by_another_thread_keeps_its_digest(settled_file):
+    """The digest memo is keyed by the proxy's read parameters and its file's identity:
+    a reading made with the parameters another thread set for a moment (here the
+    scaling) was filed under the parameters read before and after."""
+    img = nib.load(settled_file)
+    proxy = img.dataobj
+    digests = sys.modules['nipype_nibtrack.digest']
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            proxy._slope = 2.0
+            time.sleep(0)  # let the reader run with it
+            proxy._slope = 1.0
+            time.sleep(0)
+
+    for _ in range(3):
+        digests._proxy_digests._data.clear()  # read again, while the scaling flips
+        thread = threading.Thread(target=flip)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        thread.start()
+        try:
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                digests.data_digest(proxy, None, 'F')
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(interval)
+            stop.clear()
+        for slope in (1.0, 2.0):
+            proxy._slope = slope
+            want = digests.array_digest(np.asanyarray(proxy), 'F')
+            assert digests.data_digest(proxy, None, 'F') == want, slope
+        proxy._slope = 1.0
