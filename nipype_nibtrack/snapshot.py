@@ -303,7 +303,9 @@ def private_proxy(dataobj: ArrayProxy) -> ArrayProxy:
     answer is computed from it (the parameters are plain attributes any code can set).
     Arrays among them (AFNI's per-volume scaling) are copied too. Its
     :func:`data_origin` is the proxy it copies: memo keys and provenance records name
-    that one.
+    that one. Only for a proxy that opens its file by name at each access: one holding
+    its file open (``keep_file_open=True``) shares its opener, which nibabel closes when
+    a proxy is collected, copy or not (ValueError).
 
     Examples
     --------
@@ -317,6 +319,8 @@ def private_proxy(dataobj: ArrayProxy) -> ArrayProxy:
     True
     """
     state = dict(dataobj.__dict__)  # one read of every parameter
+    if state.get('_persist_opener', True):
+        raise ValueError('a proxy holding its file open cannot be copied privately')
     for name, value in state.items():
         if isinstance(value, np.ndarray):
             state[name] = value.copy()

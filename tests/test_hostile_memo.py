@@ -8,6 +8,7 @@ file handed out (or a real nipype node) sees against what the image holds.
 import contextlib
 import gc
 import json
+import mmap
 import multiprocessing
 import os
 import sys
@@ -677,3 +678,44 @@ def test_a_proxy_changed_and_restored_by_another_thread_keeps_its_digest(settled
             want = digests.array_digest(np.asanyarray(proxy), 'F')
             assert digests.data_digest(proxy, None, 'F') == want, slope
         proxy._slope = 1.0
+
+
+def test_a_header_rewritten_in_place_and_back_while_checked_is_not_remembered(tmp_path):
+    """Another thread (or process) rewrites the file's descrip through a shared memory
+    map and back, over and over: after the first write no timestamp moves. A reference
+    read while the file said B, keyed by header bytes read while it said A, made an
+    image edited to B clean against a file saying A (so did a verdict whose files' side
+    was read at A around a reference read at B)."""
+    path = str(tmp_path / 'x.nii')
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4)), path)
+    settle()
+    img = nib.load(path)
+    img.header['descrip'] = b'B'
+    at = 148  # descrip's place in a NIfTI-1 header
+    with open(path, 'r+b') as fobj, mmap.mmap(fobj.fileno(), 0) as shared:
+        assert shared[at : at + 1] == b'\0'
+        for _ in range(4):
+            stop = threading.Event()
+
+            def flip(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    shared[at : at + 1] = b'B'
+                    time.sleep(0)  # let the checker run with it
+                    shared[at : at + 1] = b'\0'
+                    time.sleep(0)
+
+            thread = threading.Thread(target=flip)
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)
+            thread.start()
+            try:
+                end = time.monotonic() + 0.75
+                while time.monotonic() < end:
+                    nt.is_dirty(img)
+            finally:
+                stop.set()
+                thread.join()
+                sys.setswitchinterval(interval)
+            assert shared[at : at + 1] == b'\0'  # the file says A: the image (B) is dirty
+            assert nt.is_dirty(img)
+            assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path
