@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from nibabel.analyze import AnalyzeImage
 
 from .provenance import _FROZEN, _PRIVATE, Record, binding_of, give_private_record, record_of
 from .recheck import image_key
@@ -101,7 +102,7 @@ def freeze(img: Any) -> Frozen | None:
     known = frozen_of(img)
     if known is not None:
         return known
-    if image_key(img) is None:
+    if not isinstance(img, AnalyzeImage):  # the only family with a key (image_key)
         return None
     binding = binding_of(img)  # binds a first-seen image, as a check would
     source = record_of(img)
