@@ -8,6 +8,7 @@ the copy must be registered nowhere.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 import pickle
 import time
@@ -150,3 +151,20 @@ NOT_FROZEN = {
 @pytest.mark.parametrize('case', NOT_FROZEN)
 def test_images_without_remembered_answers_are_not_copied(loaded, case):
     assert freeze(NOT_FROZEN[case](loaded)) is None
+
+
+def test_no_private_copy_outlives_the_answer_it_was_made_for(loaded, tmp_path):
+    """Answers, verdicts and states keep the image's own objects, never the copy."""
+    store = nt.Store(tmp_path / 'store')
+    nt.resolve_memoised(loaded, store=store)
+    nt.is_dirty_memoised(loaded)
+    loaded.header['descrip'] = b'edited'
+    nt.resolve_memoised(loaded, store=store)
+    nt.check_image_memoised(loaded, ['.nii'])
+    gc.collect()
+    alive = [
+        obj
+        for obj in gc.get_objects()
+        if isinstance(obj, nib.Nifti1Image) and frozen_of(obj) is not None
+    ]
+    assert alive == []
