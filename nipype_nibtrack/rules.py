@@ -650,6 +650,9 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
         if after == before:
             if frozen is not None and _learn(frozen, memo, reason, after, refs):
                 return Cleanliness(reason, after, memo.handed)
+            if frozen is not None and reason is None:  # the copy's own file, as checked
+                main = frozen.record.binding.paths.get(type(img).files_types[0][0])
+                return Cleanliness(reason, after, None if main is None else kernel_path(main))
             return Cleanliness(reason, after)
     return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
 
