@@ -532,6 +532,22 @@ def _held_file_replaced(current: Snapshot) -> str | None:
 for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti2Image):
     cleanliness_rule.register(_klass, _compare_against_file)
 
+
+def compares_with_file(klass: type) -> bool:
+    """True when images of ``klass`` are judged by the package's own rule (comparing
+    them with their files), not by one registered by a user.
+
+    Only those are checked on a private copy (:mod:`.frozen`) and have answers
+    remembered: a user's rule may look the very object up (in a table of its own), and
+    the copy is not that object.
+
+    >>> import nibabel as nib
+    >>> compares_with_file(nib.Nifti1Image), compares_with_file(nib.GiftiImage)
+    (True, False)
+    """
+    return cleanliness_rule.dispatch(klass) is _compare_against_file
+
+
 _new = tuple.__new__  # a verdict without NamedTuple's Python-level __new__ (the recheck path)
 
 
@@ -617,7 +633,7 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             'load files with nibabel.load or nipype_nibtrack.load'
         )
     record = record_of(img)
-    simple = cleanliness_rule.dispatch(type(img)) is _compare_against_file
+    simple = compares_with_file(type(img))
     if simple and record is not None and not record.forced_dirty and record.verdict is not None:
         memo = record.verdict
         if defer_files:

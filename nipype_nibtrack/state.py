@@ -33,10 +33,11 @@ never the class's ``__eq__``/``__hash__``): a copy, a pickle, an equal image, or
 image that happens to get a freed image's ``id()`` starts with none. An answer is
 computed on a private copy of the image (:mod:`.frozen`) and kept under the state read
 from that copy, so another thread editing and restoring the image meanwhile (A -> B ->
-A) cannot file B's answer under A; threads alive or not, the memo works the same. It is
-kept only when the files' side was the same before and after, and the image's own file
-only when it is handed out by a name the state reads. A store file handed out
-is checked again (a ``stat`` of each file of its entry, which must be the settled
+A) cannot file B's answer under A; threads alive or not, the memo works the same. Only
+for images judged by the package's own rule: a rule a user registered is given the
+image itself, and its answers are not kept. An answer is kept only when the files'
+side was the same before and after, and the image's own file only when it is handed
+out by a name the state reads. A store file handed out is checked again (a ``stat`` of each file of its entry, which must be the settled
 identities it had when looked up) and looked up in full at least every
 :data:`REFRESH_SECONDS`, which also refreshes its last use for :meth:`Store.gc`.
 """
@@ -56,7 +57,7 @@ from .frozen import freeze
 from .provenance import binding_of, file_paths, record_of, source_files
 from .recheck import files_unchanged, image_key, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
-from .rules import cleanliness_rule, is_dirty
+from .rules import cleanliness_rule, compares_with_file, is_dirty
 from .store import ENV_VAR, Store, chosen_store
 
 __all__ = [
@@ -245,12 +246,13 @@ def _remember(
     the answer is kept under: whatever another thread does to the image meanwhile (edit
     it, restore it), the answer is the one for that state. The files' side is read
     before and checked again after. An image with no state is answered in full, on
-    itself, and nothing is kept.
+    itself, and nothing is kept; so is an image judged by a rule a user registered.
     """
     known = _recall(img, question)
     if known is not _MISSING:
         return known
-    frozen = freeze(img)
+    # a user's rule is given the image itself (it may look the object up): not kept
+    frozen = freeze(img) if compares_with_file(type(img)) else None
     if frozen is None:
         return compute(img)
     copy = frozen.image

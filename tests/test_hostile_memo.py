@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -211,6 +212,35 @@ def test_a_cleanliness_rule_registered_later_wins_over_remembered_answers(tmp_pa
         assert handed.reason == nt.resolve(img).reason == 'this class is never clean'
     finally:
         _unregister(LaterRuled)
+
+
+class UserJudged(nib.Nifti1Image):
+    """A class whose user rule looks the very object up in a table of its own."""
+
+
+def test_a_user_rule_looking_the_object_up_is_given_the_object_itself(tmp_path, store):
+    """Answers are computed on a private copy of the image; a user's rule keyed by the
+    object (here: a set of images the user declared edited) must still see the image,
+    not a copy it does not know: else the memo would remember 'clean' for it."""
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    edited = weakref.WeakSet()
+    nt.cleanliness_rule.register(
+        UserJudged, lambda img, record: 'declared edited' if img in edited else None
+    )
+    try:
+        img = UserJudged.from_filename(path)
+        edited.add(img)
+        for _ in range(2):  # the second answers are the remembered ones, if any
+            assert nt.is_dirty(img) and nt.is_dirty_memoised(img)
+            handed = nt.resolve_memoised(img, formats=FORMATS)
+            assert handed.action in ('written', 'reused') and handed.reason == 'declared edited'
+            nt.check_image_memoised(img, FORMATS)
+        edited.discard(img)
+        assert not nt.is_dirty_memoised(img)
+        assert nt.resolve_memoised(img, formats=FORMATS).path == path
+    finally:
+        _unregister(UserJudged)
 
 
 def _unregister(klass) -> None:
