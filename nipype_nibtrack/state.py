@@ -37,9 +37,10 @@ A) cannot file B's answer under A; threads alive or not, the memo works the same
 for images judged by the package's own rule: a rule a user registered is given the
 image itself, and its answers are not kept. An answer is kept only when the files'
 side was the same before and after, and the image's own file only when it is handed
-out by a name the state reads. A store file handed out is checked again (a ``stat`` of each file of its entry, which must be the settled
-identities it had when looked up) and looked up in full at least every
-:data:`REFRESH_SECONDS`, which also refreshes its last use for :meth:`Store.gc`.
+out by a name the state reads. A store file handed out is checked again (a ``stat`` of
+each file of its entry, which must be the settled identities it had when looked up) and
+looked up in full at least every :data:`REFRESH_SECONDS`, which also refreshes its last
+use for :meth:`Store.gc`.
 """
 
 from __future__ import annotations
