@@ -55,6 +55,7 @@ __all__ = [
     'Cleanliness',
     'cleanliness',
     'cleanliness_rule',
+    'compares_with_file',
     'dirty_reason',
     'header_key',
     'is_dirty',
