@@ -24,7 +24,7 @@ from nibabel.brikhead import AFNIArrayProxy
 from nibabel.gifti import GiftiImage
 
 from .fileid import fd_id, path_id
-from .snapshot import ProxySpec, proxy_spec, snapshot
+from .snapshot import ProxySpec, private_proxy, proxy_spec, snapshot
 
 try:
     from ._gather import gather as _kernel
@@ -421,6 +421,11 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
     >>> data_digest(np.zeros(3, 'f4')) == data_digest(np.zeros(3, 'f8'), 'f4')
     True
     """
+    if isinstance(dataobj, ArrayProxy) and not getattr(dataobj, '_persist_opener', True):
+        # read and keyed through one private copy: another thread changing the proxy's
+        # parameters and back while it is read cannot file one reading under the other
+        # (not a proxy holding its file: a copy would close the file when collected)
+        dataobj = private_proxy(dataobj)
     spec = proxy_spec(dataobj)
     key = _proxy_key(spec, str(dtype), order, raw)
     if key is not None and (hit := _proxy_digests.get(key)) is not None:

@@ -20,13 +20,17 @@ pure function of the header bytes (and the ``.mat``), and an image without a dat
 reads its voxels from the file, as a tool does. This holds for files younger than the
 racy window too: a same-size rewrite within one clock tick that changes the header
 changes these bytes. Anything else, or any difference, falls back to the full check.
+
+An answer is remembered under the image's side read from the private copy it was
+computed on (:mod:`.frozen`), never from the image itself: another thread may edit the
+image and restore it while the answer is computed. So the memos work the same whatever
+threads are alive.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import threading
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,14 +43,13 @@ from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 
 from .fileid import READ_FLAGS, FileId, regular_opener
-from .snapshot import extension_bytes
+from .snapshot import data_origin, extension_bytes
 
 __all__ = [
     'FileSide',
     'Memo',
     'files_unchanged',
     'image_key',
-    'may_remember',
     'memo_for',
     'read_files',
     'still_clean',
@@ -81,22 +84,6 @@ class Memo:
         return tuple(path for path, *_ in self.files)
 
 
-def may_remember() -> bool:
-    """True when an answer computed now may be remembered under the image's state.
-
-    Only while no other thread runs: one could edit the image and restore it while the
-    answer is computed (A -> B -> A), and B's answer would be kept for A, long after the
-    edits stopped; no comparison of the state before and after can see it. Threads the
-    computation starts itself (the core's writer) do not edit images. Every memo of an
-    image's answers (remembered clean verdicts, :mod:`.state`) asks this first.
-
-    >>> import threading
-    >>> may_remember() == (threading.active_count() == 1)
-    True
-    """
-    return threading.active_count() == 1
-
-
 def image_key(img: Any) -> tuple | None:
     """The image's side of an answer, or None when the image is not a simple case.
 
@@ -104,7 +91,9 @@ def image_key(img: Any) -> tuple | None:
     class, dtype (byte order and layout) and bytes, its NIfTI extensions as written, the
     affine, the dtype alias, the data object (identity and every read parameter) and
     the file map's names and file objects. Built from C-level accessors in about a
-    microsecond: it is taken again at every check. None for anything but a
+    microsecond: it is taken again at every check. Of a private copy
+    (:func:`~.frozen.freeze`) it names the image's own data object, so it equals the
+    image's key while the image holds the state copied. None for anything but a
     NIfTI/Analyze image reading its voxels through an :class:`ArrayProxy` by absolute
     name, without a held file, a data cache (editable in place without a trace) or an
     affine of None.
@@ -140,7 +129,7 @@ def image_key(img: Any) -> tuple | None:
         affine.shape,
         affine.tobytes(),
         getattr(img, '_dtype_alias', None),
-        dataobj,
+        data_origin(dataobj),  # a private copy (see .frozen) names the proxy it copies
         _read_parameters(dataobj),
         tuple(file_map),
         tuple(map(_holder_names, file_map.values())),

@@ -25,7 +25,16 @@ from nibabel.wrapstruct import WrapStruct
 
 from .fileid import absolute
 
-__all__ = ['ProxySpec', 'Snapshot', 'exact_bytes', 'header_bytes', 'proxy_spec', 'snapshot']
+__all__ = [
+    'ProxySpec',
+    'Snapshot',
+    'data_origin',
+    'exact_bytes',
+    'header_bytes',
+    'private_proxy',
+    'proxy_spec',
+    'snapshot',
+]
 
 
 @dataclass(frozen=True)
@@ -282,6 +291,51 @@ def _(dataobj: MincImageArrayProxy) -> ProxySpec:
         fd, path = None, None
     params = (tuple(dataobj.shape), dataobj.minc_file.get_data_dtype().str)
     return ProxySpec('MincImageArrayProxy', path, params, fd)
+
+
+_ORIGIN = '_nibtrack_origin'  # in a private proxy copy's own __dict__: the proxy it copies
+
+
+def private_proxy(dataobj: ArrayProxy) -> ArrayProxy:
+    """A private copy of a proxy: the same class and read parameters, taken once.
+
+    Nothing else refers to it, so no other thread can change how it reads while an
+    answer is computed from it (the parameters are plain attributes any code can set).
+    Arrays among them (AFNI's per-volume scaling) are copied too. Its
+    :func:`data_origin` is the proxy it copies: memo keys and provenance records name
+    that one. Only for a proxy that opens its file by name at each access: one holding
+    its file open (``keep_file_open=True``) shares its opener, which nibabel closes when
+    a proxy is collected, copy or not (ValueError).
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> proxy = nib.load(os.path.join(data_path, 'anatomical.nii')).dataobj
+    >>> copy = private_proxy(proxy)
+    >>> copy is not proxy and data_origin(copy) is proxy and data_origin(proxy) is proxy
+    True
+    >>> proxy_spec(copy) == proxy_spec(proxy)
+    True
+    """
+    state = dict(dataobj.__dict__)  # one read of every parameter
+    if state.get('_persist_opener', True):
+        raise ValueError('a proxy holding its file open cannot be copied privately')
+    for name, value in state.items():
+        if isinstance(value, np.ndarray):
+            state[name] = value.copy()
+    state[_ORIGIN] = state.get(_ORIGIN, dataobj)
+    copy = object.__new__(type(dataobj))
+    copy.__dict__.update(state)
+    return copy
+
+
+def data_origin(dataobj: Any) -> Any:
+    """The data object ``dataobj`` is a :func:`private_proxy` of, else ``dataobj`` itself."""
+    return getattr(dataobj, '__dict__', _NO_STATE).get(_ORIGIN, dataobj)
+
+
+_NO_STATE: dict = {}
 
 
 def _bytes_or_none(value: Any) -> bytes | None:
