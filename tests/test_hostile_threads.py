@@ -1,0 +1,221 @@
+"""Hostile tests of the "threads" change: answers computed and keyed on a private copy.
+
+Each test drives another thread to edit the image at a precise point of an answer (a
+profile hook at the entry of a package function hands the edit to a thread and waits
+for it), or edits what the memo key does not read, then checks the remembered answer
+against a fresh full check and the file handed out against what the image holds.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+import nipype_nibtrack as nt
+from nipype_nibtrack import digest, provenance
+from nipype_nibtrack.fileid import RACY_NS
+
+SHAPE = (4, 5, 6)
+
+
+@pytest.fixture(scope='module')
+def settled(tmp_path_factory) -> Path:
+    """A settled NIfTI file with one extension, never written again."""
+    path = Path(os.path.realpath(tmp_path_factory.mktemp('hostile3'))) / 'x.nii'
+    data = np.arange(np.prod(SHAPE), dtype='i2').reshape(SHAPE)
+    img = nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'comment A'))
+    nib.save(img, path)
+    time.sleep(RACY_NS / 1e9 + 0.05)
+    return path
+
+
+def fresh_reason(img) -> str | None:
+    """The full check, with no remembered verdict to fall back on."""
+    record = provenance.record_of(img)
+    kept = record.verdict
+    record.verdict = None
+    try:
+        return nt.dirty_reason(img)
+    finally:
+        record.verdict = kept
+
+
+def by_other_thread(edit: Callable[[], None]) -> None:
+    thread = threading.Thread(target=edit)
+    thread.start()
+    thread.join()
+
+
+@contextmanager
+def edits_at(edits: dict[str, list[Callable[[], None]]]):
+    """While inside, at each entry of a function named ``'module:function'`` in
+    ``edits``, another thread makes the next edit listed for it (the caller waits)."""
+    pending = {name: list(todo) for name, todo in edits.items()}
+
+    def hook(frame, event, arg):
+        if event != 'call':
+            return
+        todo = pending.get(f'{frame.f_globals.get("__name__")}:{frame.f_code.co_name}')
+        if todo:
+            by_other_thread(todo.pop(0))
+
+    sys.setprofile(hook)
+    try:
+        yield pending
+    finally:
+        sys.setprofile(None)
+    assert not any(pending.values()), f'edit points never reached: {pending}'
+
+
+# ------------------------------------------------ defect: an object-dtype affine keyed by
+# the addresses of its elements (image_key used affine.tobytes(), which for dtype=object
+# is pointers: a freed float's address is reused by the next one, another value)
+
+
+def test_an_object_affine_is_not_remembered_by_the_addresses_of_its_floats(settled, store):
+    img = nt.load(settled)
+    img._affine = img.affine.astype(object)  # equal values: clean for a full check
+    assert nt.is_dirty(img) is False and nt.is_dirty(img) is False
+    img._affine[0, 0] = None  # frees the float: its address is reused below
+    img._affine[0, 0] = float('5.5')
+    assert fresh_reason(img) == "affine differs from the file's"
+    assert nt.is_dirty(img) is True
+    assert nt.is_dirty_memoised(img) is True
+    out = nib.load(nt.as_filename(img))
+    assert out.affine[0, 0] == 5.5
+
+
+# ----------------------------------- defect: the private copy shares what an instance
+# attribute of the image's parts holds (a method shadowed on the instance is bound to the
+# original object; a mutable attribute is the original's): it reads the live image
+
+
+def test_an_extension_method_shadowed_on_the_instance_does_not_read_the_live_image(settled):
+    img = nt.load(settled)
+    ext = img.header.extensions[0]
+    ext.write_to = ext.write_to  # an instance attribute: bound to the image's own extension
+    ext._raw = b'comment B'  # dirty: the file holds A
+    # key read at B (freeze); the rule compares A; the key read again at B (_learn)
+    with edits_at(
+        {
+            'nipype_nibtrack.rules:_compare_against_file': [
+                lambda: setattr(ext, '_raw', b'comment A')
+            ],
+            'nipype_nibtrack.rules:_learn': [lambda: setattr(ext, '_raw', b'comment B')],
+        }
+    ):
+        nt.is_dirty(img)
+    assert fresh_reason(img) == "NIfTI extensions differ from the file's"
+    assert nt.is_dirty(img) is True
+
+
+def test_a_proxy_method_shadowed_on_the_instance_does_not_file_a_digest_under_other_params(
+    settled,
+):
+    img = nt.load(settled)
+    proxy = img.dataobj
+    proxy._get_scaled = proxy._get_scaled  # bound to the image's own proxy
+    # the key is read at slope 1 (private copy), the voxels at slope 3, the key again at 1
+    with edits_at(
+        {
+            'nipype_nibtrack.digest:_proxy_slab': [lambda: setattr(proxy, '_slope', 3.0)],
+            'nipype_nibtrack.digest:_proxy_key': [
+                lambda: None,
+                lambda: setattr(proxy, '_slope', 1.0),
+            ],
+        }
+    ):
+        digest.data_digest(proxy, None, 'F')
+    assert proxy._slope == 1.0
+    want = digest.array_digest(np.asanyarray(proxy), 'F')
+    assert digest.data_digest(proxy, None, 'F') == want
+
+
+def test_the_state_memo_is_not_kept_for_a_copy_sharing_a_mutable_attribute(settled, store):
+    img = nt.load(settled)
+    ext = img.header.extensions[0]
+    ext.write_to = ext.write_to
+    ext._raw = b'comment B'
+
+    def flip(value: bytes) -> Callable[[], None]:
+        return lambda: setattr(ext, '_raw', value)
+
+    # image_state of the copy reads B; the answer is computed at A; the state re-read at B
+    with edits_at(
+        {
+            'nipype_nibtrack.rules:_compare_against_file': [flip(b'comment A')],
+            'nipype_nibtrack.state:holds': [flip(b'comment B')],
+        }
+    ):
+        nt.is_dirty_memoised(img)
+    assert fresh_reason(img) is not None
+    assert nt.is_dirty_memoised(img) is True
+
+
+# ---------------------------------------- defect: a subclass overriding a property the
+# rule reads (img.affine) while the key reads the private attribute (img._affine)
+
+
+class Shifted(nib.Nifti1Image):
+    """An image whose affine is shifted by an attribute of its own."""
+
+    shift = 0.0
+
+    @property
+    def affine(self):
+        affine = self._affine.copy()
+        affine[0, 3] += self.shift
+        return affine
+
+
+def test_a_subclass_reading_its_own_attributes_in_a_property_is_not_remembered(settled, store):
+    img = Shifted.from_filename(str(settled))
+    assert nt.is_dirty(img) is False and nt.is_dirty(img) is False
+    img.shift = 5.0
+    assert fresh_reason(img) == "affine differs from the file's"
+    assert nt.is_dirty(img) is True
+    assert nt.is_dirty_memoised(img) is True
+    assert nt.as_filename(img) != str(settled)
+
+
+# ------------------------------------------------------------------ what held (checks)
+
+
+def test_no_private_copy_is_left_behind_after_many_answers_under_edits(settled, store):
+    img = nt.load(settled)
+    stop = threading.Event()
+
+    def editor():
+        while not stop.is_set():
+            img.header['descrip'] = b'edited'
+            img.affine[0, 3] += 1
+            img.affine[0, 3] -= 1
+            img.header['descrip'] = b''
+
+    fds = len(os.listdir('/proc/self/fd'))
+    thread = threading.Thread(target=editor)
+    thread.start()
+    try:
+        for _ in range(200):
+            nt.is_dirty(img)
+            nt.is_dirty_memoised(img)
+            nt.check_image_memoised(img)
+    finally:
+        stop.set()
+        thread.join()
+    gc.collect()
+    private = [o for o in gc.get_objects() if provenance._PRIVATE in getattr(o, '__dict__', {})]
+    assert private == []
+    assert len(os.listdir('/proc/self/fd')) <= fds + 1
+    assert nt.is_dirty(img) is (fresh_reason(img) is not None)
