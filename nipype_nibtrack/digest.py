@@ -408,13 +408,17 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
     >>> data_digest(np.zeros(3, 'f4')) == data_digest(np.zeros(3, 'f8'), 'f4')
     True
     """
+    private = True
     if isinstance(dataobj, ArrayProxy) and not getattr(dataobj, '_persist_opener', True):
         # read and keyed through one private copy: another thread changing the proxy's
         # parameters and back while it is read cannot file one reading under the other
         # (not a proxy holding its file: a copy would close the file when collected)
-        dataobj = private_proxy(dataobj)
+        try:
+            dataobj = private_proxy(dataobj)
+        except TypeError:  # it would share state with the proxy: read it, keep nothing
+            private = False
     spec = proxy_spec(dataobj)
-    key = _proxy_key(spec, str(dtype), order, raw)
+    key = _proxy_key(spec, str(dtype), order, raw) if private else None
     if key is not None and (hit := _proxy_digests.get(key)) is not None:
         return hit
     if order == 'C' or not isinstance(dataobj, ArrayProxy) or isinstance(dataobj, AFNIArrayProxy):
