@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import os
+import signal
 import sys
 import threading
 import time
@@ -22,7 +23,8 @@ import numpy as np
 import pytest
 
 import nipype_nibtrack as nt
-from nipype_nibtrack import digest, provenance
+from nipype_nibtrack import digest, provenance, resolve, rules
+from nipype_nibtrack import store as store_module
 from nipype_nibtrack.fileid import RACY_NS
 
 SHAPE = (4, 5, 6)
@@ -221,3 +223,52 @@ def test_no_private_copy_is_left_behind_after_many_answers_under_edits(settled, 
     assert private == []
     assert len(os.listdir('/proc/self/fd')) <= fds + 1
     assert nt.is_dirty(img) is (fresh_reason(img) is not None)
+
+
+# ------------------------------------ defect: a fork while another thread is inside an
+# answer: the child inherits the package's locks held, and hangs on its first answer
+
+
+LOCKS = {
+    'records': lambda: provenance._lock,
+    'references': lambda: rules._references._lock,
+    'data digests': lambda: digest._proxy_digests._lock,
+    'targets': lambda: resolve._targets._lock,
+    'store choice': lambda: store_module._store_lock,
+}
+
+
+@pytest.mark.parametrize('lock', LOCKS)
+def test_a_forked_child_answers_while_another_thread_held_a_lock_at_fork(tmp_path, store, lock):
+    path = tmp_path / 'f.nii'
+    nib.save(nib.Nifti1Image(np.arange(8, dtype='f4').reshape(2, 2, 2), np.eye(4)), path)
+    held, release = threading.Event(), threading.Event()
+
+    taken = LOCKS[lock]()
+
+    def hold():
+        with taken:
+            held.set()
+            release.wait()
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    held.wait()
+    try:
+        pid = os.fork()
+        if pid == 0:  # the child: killed by the alarm if it hangs
+            signal.alarm(8)
+            try:
+                img = nib.load(path)
+                ok = nt.is_dirty(img) is False
+                img.header['descrip'] = b'edited'
+                out = nib.load(nt.as_filename(img))
+                ok = ok and out.header['descrip'] == b'edited'
+            finally:
+                os._exit(0 if ok else 1)
+    finally:
+        release.set()
+        thread.join()
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status), f'the child hung (killed by signal {os.WTERMSIG(status)})'
+    assert os.WEXITSTATUS(status) == 0
