@@ -9,6 +9,7 @@ against a fresh full check and the file handed out against what the image holds.
 from __future__ import annotations
 
 import gc
+import importlib
 import os
 import signal
 import sys
@@ -23,11 +24,14 @@ import numpy as np
 import pytest
 
 import nipype_nibtrack as nt
-from nipype_nibtrack import digest, provenance, resolve, rules
+from nipype_nibtrack import digest, provenance, rules
 from nipype_nibtrack import store as store_module
 from nipype_nibtrack.fileid import RACY_NS
 
 SHAPE = (4, 5, 6)
+resolving = importlib.import_module(
+    'nipype_nibtrack.resolve'
+)  # the package's resolve is a function
 
 
 @pytest.fixture(scope='module')
@@ -233,7 +237,7 @@ LOCKS = {
     'records': lambda: provenance._lock,
     'references': lambda: rules._references._lock,
     'data digests': lambda: digest._proxy_digests._lock,
-    'targets': lambda: resolve._targets._lock,
+    'targets': lambda: resolving._targets._lock,
     'store choice': lambda: store_module._store_lock,
 }
 
