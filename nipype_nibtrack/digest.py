@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import threading
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -242,12 +244,21 @@ def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:
 
 
 class _Memo:
-    """A small thread-safe LRU map."""
+    """A small thread-safe LRU map (whose lock a forked child takes afresh)."""
+
+    _every: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, size: int = 512):
         self._data: OrderedDict = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
+        _Memo._every.add(self)
+
+    @classmethod
+    def _reset_after_fork(cls) -> None:
+        # a lock held by another thread at fork() stays held forever in the child
+        for memo in list(cls._every):
+            memo._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
         with self._lock:
@@ -264,6 +275,7 @@ class _Memo:
                 self._data.popitem(last=False)
 
 
+os.register_at_fork(after_in_child=_Memo._reset_after_fork)
 _proxy_digests = _Memo()
 
 
