@@ -276,3 +276,43 @@ def test_a_forked_child_answers_while_another_thread_held_a_lock_at_fork(tmp_pat
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status), f'the child hung (killed by signal {os.WTERMSIG(status)})'
     assert os.WEXITSTATUS(status) == 0
+
+
+# ------------------------ defect: the pinned bytes of a .mat came through the sentinel
+# b'missing' of a missing file: a .mat holding those very bytes was served to nibabel as
+# no .mat (clean) while nibabel, reading the file, refuses it
+
+
+def test_a_mat_file_holding_the_word_missing_is_not_taken_for_no_mat(tmp_path):
+    path = tmp_path / 's.img'
+    nib.save(nib.Spm2AnalyzeImage(np.zeros((2, 2, 2), 'f4'), np.diag([2.0, 2, 2, 1])), path)
+    mat = tmp_path / 's.mat'
+    mat.unlink(missing_ok=True)
+    img = nt.load(path)
+    assert nt.dirty_reason(img) is None
+    mat.write_bytes(b'missing')
+    with pytest.raises(Exception, match='truncated'):
+        nib.load(path)  # what a tool reading the files gets
+    assert nt.is_dirty(img) is True
+    assert 'cannot be read' in fresh_reason(img)
+
+
+# ------------------- defect: the file map was copied by iterating it in Python: another
+# thread adding a file holder meanwhile raised RuntimeError out of is_dirty
+
+
+def test_a_file_map_changed_by_another_thread_while_copied_is_no_error(settled):
+    img = nt.load(settled)
+    holder = nib.fileholders.FileHolder(str(settled))
+    # the first copy_plain copies the extension, the second the file holder
+    with edits_at(
+        {
+            'nipype_nibtrack.frozen:_copy_plain': [
+                lambda: None,
+                lambda: img.file_map.__setitem__('x', holder),
+            ]
+        }
+    ):
+        nt.is_dirty(img)  # the answer: either, but no error
+    del img.file_map['x']
+    assert nt.is_dirty(img) is (fresh_reason(img) is not None) is False
