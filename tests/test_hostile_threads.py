@@ -27,6 +27,7 @@ import nipype_nibtrack as nt
 from nipype_nibtrack import digest, provenance, rules
 from nipype_nibtrack import store as store_module
 from nipype_nibtrack.fileid import RACY_NS
+from tests.conftest import assert_same_content
 
 SHAPE = (4, 5, 6)
 resolving = importlib.import_module(
@@ -316,3 +317,146 @@ def test_a_file_map_changed_by_another_thread_while_copied_is_no_error(settled):
         nt.is_dirty(img)  # the answer: either, but no error
     del img.file_map['x']
     assert nt.is_dirty(img) is (fresh_reason(img) is not None) is False
+
+
+# ------------------- what held: every attribute the copy takes, edited to B before the
+# answer, restored to A (clean) by another thread when the rule starts and edited to B
+# again when the answer is filed; the memos' answers for B must be a fresh full check's
+
+
+class Labelled(nib.Nifti1Image):
+    """nibabel's behaviour (a dunder only): its answers are remembered."""
+
+    def __repr__(self):
+        return 'labelled'
+
+
+def _ext_bytearray(img):
+    img.header.extensions[0]._raw = bytearray(b'comment A')  # the same bytes, editable
+
+
+TOGGLES = {
+    # name: (prepare (clean), to B, to A)
+    'header field': (
+        None,
+        lambda i: i.header.__setitem__('descrip', b'B'),
+        lambda i: i.header.__setitem__('descrip', b''),
+    ),
+    'extension bytearray in place': (
+        _ext_bytearray,
+        lambda i: i.header.extensions[0]._raw.__setitem__(8, ord('B')),
+        lambda i: i.header.extensions[0]._raw.__setitem__(8, ord('A')),
+    ),
+    'extension list': (
+        None,
+        lambda i: i.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'more')),
+        lambda i: i.header.extensions.pop(),
+    ),
+    'affine in place': (
+        None,
+        lambda i: i.affine.__setitem__((0, 3), 7.0),
+        lambda i: i.affine.__setitem__((0, 3), 0.0),
+    ),
+    'proxy slope': (
+        None,
+        lambda i: setattr(i.dataobj, '_slope', 2.0),
+        lambda i: setattr(i.dataobj, '_slope', 1.0),
+    ),
+    'proxy offset': (
+        None,
+        lambda i: setattr(i.dataobj, '_offset', 0),
+        lambda i: setattr(i.dataobj, '_offset', int(i.header.get_data_offset())),
+    ),
+    'proxy dtype': (
+        None,
+        lambda i: setattr(i.dataobj, '_dtype', np.dtype('u2')),
+        lambda i: setattr(i.dataobj, '_dtype', np.dtype('<i2')),
+    ),
+    'file holder name in place': (
+        None,
+        lambda i: setattr(i.file_map['image'], 'filename', '/elsewhere/x.nii'),
+        lambda i: setattr(i.file_map['image'], 'filename', i.dataobj.file_like),
+    ),
+    'fdata cache': (
+        None,
+        lambda i: setattr(i, '_fdata_cache', np.ones(SHAPE)),
+        lambda i: setattr(i, '_fdata_cache', None),
+    ),
+    'class': (
+        None,
+        lambda i: setattr(i, '__class__', nib.Nifti2Image),
+        lambda i: setattr(i, '__class__', nib.Nifti1Image),
+    ),
+    'class of its own': (
+        None,
+        lambda i: setattr(i, '__class__', Labelled),
+        lambda i: setattr(i, '__class__', nib.Nifti1Image),
+    ),
+}
+
+
+@pytest.mark.parametrize('memo', ['verdict', 'state', 'resolve'])
+@pytest.mark.parametrize('toggle', TOGGLES)
+def test_an_edit_undone_and_redone_by_another_thread_while_answered_is_never_kept(
+    settled, store, memo, toggle
+):
+    prepare, to_b, to_a = TOGGLES[toggle]
+    img = nt.load(settled)
+    if prepare is not None:
+        prepare(img)
+    assert fresh_reason(img) is None, 'A must be clean'
+    to_b(img)
+    kept = {
+        'verdict': 'nipype_nibtrack.rules:_learn',
+        'state': 'nipype_nibtrack.state:holds',
+        'resolve': 'nipype_nibtrack.state:holds',
+    }[memo]
+    answer = {
+        'verdict': nt.is_dirty,
+        'state': nt.is_dirty_memoised,
+        'resolve': lambda i: nt.resolve_memoised(i, store=store),
+    }[memo]
+    with edits_at(
+        {
+            'nipype_nibtrack.rules:_compare_against_file': [lambda: to_a(img)],
+            kept: [lambda: to_b(img)],
+        }
+    ):
+        answer(img)
+    # all threads stopped, the image at B: remembered answers are a fresh full check's
+    want = fresh_reason(img)
+    assert nt.is_dirty(img) is (want is not None)
+    assert nt.is_dirty_memoised(img) is (want is not None)
+    if memo == 'resolve' and toggle not in ('class', 'proxy offset', 'proxy dtype'):
+        out = nib.load(nt.resolve_memoised(img, store=store).path)
+        assert_same_content(out, img)
+
+
+@pytest.mark.parametrize('keep_file_open', [False, True])
+@pytest.mark.parametrize('ext', ['.nii', '.nii.gz'])
+def test_answers_under_edits_leave_no_file_open(tmp_path, store, ext, keep_file_open):
+    path = tmp_path / f'k{ext}'
+    nib.save(nib.Nifti1Image(np.arange(8, dtype='f4').reshape(2, 2, 2), np.eye(4)), path)
+    img = nib.load(path, keep_file_open=keep_file_open)
+    np.asanyarray(img.dataobj)  # a held file is opened now, once
+    gc.collect()
+    fds = len(os.listdir('/proc/self/fd'))
+    stop = threading.Event()
+
+    def editor():
+        while not stop.is_set():
+            img.header['descrip'] = b'B'
+            img.header['descrip'] = b''
+
+    thread = threading.Thread(target=editor)
+    thread.start()
+    try:
+        for _ in range(30):
+            nt.is_dirty(img)
+            nt.resolve_memoised(img, store=store)
+    finally:
+        stop.set()
+        thread.join()
+    gc.collect()
+    assert len(os.listdir('/proc/self/fd')) <= fds
+    assert nt.is_dirty(img) is False
