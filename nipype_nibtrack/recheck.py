@@ -114,13 +114,14 @@ def image_key(img: Any) -> tuple | None:
     if img._fdata_cache is not None or img._data_cache is not None:
         return None  # a cache can be edited in place without a trace
     affine = img._affine
-    if not isinstance(affine, np.ndarray) or affine.dtype.hasobject:
+    if not isinstance(affine, np.ndarray) or (kind := affine.dtype).hasobject:
         return None  # None: the header decides it; objects: the bytes are their addresses
     header = img._header
     structarr = header._structarr
     if structarr.dtype.hasobject:
         return None
-    if not (nibabel_behaviour(type(img)) and nibabel_behaviour(type(header))):
+    known = type(img) in _NIBABEL and type(header) in _NIBABEL  # else: the walk
+    if not (known or (nibabel_behaviour(type(img)) and nibabel_behaviour(type(header)))):
         return None
     file_map = img.file_map
     return (
@@ -129,7 +130,7 @@ def image_key(img: Any) -> tuple | None:
         structarr.dtype,  # the byte order and layout the bytes are read with
         structarr.tobytes(),  # what binaryblock returns, without the checks
         extension_bytes(header) if getattr(header, 'extensions', None) else b'',
-        affine.dtype,
+        kind,
         affine.shape,
         affine.tobytes(),
         getattr(img, '_dtype_alias', None),
@@ -140,6 +141,7 @@ def image_key(img: Any) -> tuple | None:
     )
 
 
+_NIBABEL: set[type] = set()  # nibabel's own classes met so far (a set test is cheapest)
 # dunder names that change how every attribute is read: not nibabel's behaviour
 _ATTRIBUTE_HOOKS = frozenset({'__getattribute__', '__getattr__'})
 _IGNORED = frozenset({'__doc__', '__module__', '__qualname__', '__dict__', '__weakref__'})
@@ -165,7 +167,8 @@ def nibabel_behaviour(klass: type) -> bool:
     >>> nibabel_behaviour(Labelled), nibabel_behaviour(Shifted)
     (True, False)
     """
-    if klass.__module__[:8] == 'nibabel.':  # the common case, in a fraction of the walk
+    if klass.__module__[:8] == 'nibabel.':  # the common case, remembered
+        _NIBABEL.add(klass)
         return True
     for base in klass.__mro__:
         if base.__module__.split('.', 1)[0] == 'nibabel':
