@@ -47,6 +47,20 @@ def settled(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.fixture(scope='module', params=['.nii', '.nii.gz', '.img'])
+def settled_any(request, tmp_path_factory) -> Path:
+    """The same image as a settled .nii, .nii.gz and NIfTI-1 pair."""
+    folder = Path(os.path.realpath(tmp_path_factory.mktemp('hostile3any')))
+    path = folder / f'x{request.param}'
+    data = np.arange(np.prod(SHAPE), dtype='i2').reshape(SHAPE)
+    klass = nib.Nifti1Pair if request.param == '.img' else nib.Nifti1Image
+    img = klass(data, np.diag([2.0, 2, 2, 1]))
+    img.header.extensions.append(nib.nifti1.Nifti1Extension(6, b'comment A'))
+    nib.save(img, path)
+    time.sleep(RACY_NS / 1e9 + 0.05)
+    return path
+
+
 def fresh_reason(img) -> str | None:
     """The full check, with no remembered verdict to fall back on."""
     record = provenance.record_of(img)
@@ -331,6 +345,10 @@ class Labelled(nib.Nifti1Image):
         return 'labelled'
 
 
+def _own_class(img) -> type:
+    return nib.Nifti1Pair if img.dataobj.file_like.endswith('.img') else nib.Nifti1Image
+
+
 def _ext_bytearray(img):
     img.header.extensions[0]._raw = bytearray(b'comment A')  # the same bytes, editable
 
@@ -385,12 +403,12 @@ TOGGLES = {
     'class': (
         None,
         lambda i: setattr(i, '__class__', nib.Nifti2Image),
-        lambda i: setattr(i, '__class__', nib.Nifti1Image),
+        lambda i: setattr(i, '__class__', _own_class(i)),
     ),
     'class of its own': (
         None,
         lambda i: setattr(i, '__class__', Labelled),
-        lambda i: setattr(i, '__class__', nib.Nifti1Image),
+        lambda i: setattr(i, '__class__', _own_class(i)),
     ),
 }
 
@@ -398,10 +416,10 @@ TOGGLES = {
 @pytest.mark.parametrize('memo', ['verdict', 'state', 'resolve'])
 @pytest.mark.parametrize('toggle', TOGGLES)
 def test_an_edit_undone_and_redone_by_another_thread_while_answered_is_never_kept(
-    settled, store, memo, toggle
+    settled_any, store, memo, toggle
 ):
     prepare, to_b, to_a = TOGGLES[toggle]
-    img = nt.load(settled)
+    img = nt.load(settled_any)
     if prepare is not None:
         prepare(img)
     assert fresh_reason(img) is None, 'A must be clean'
@@ -460,3 +478,69 @@ def test_answers_under_edits_leave_no_file_open(tmp_path, store, ext, keep_file_
     gc.collect()
     assert len(os.listdir('/proc/self/fd')) <= fds
     assert nt.is_dirty(img) is False
+
+
+HOOK_POINTS = (
+    'nipype_nibtrack.frozen:_copy_image',
+    'nipype_nibtrack.frozen:_copy_header',
+    'nipype_nibtrack.recheck:memo_for',
+    'nipype_nibtrack.recheck:read_files',
+    'nipype_nibtrack.rules:_compare_against_file',
+    'nipype_nibtrack.rules:reference',
+    'nipype_nibtrack.rules:_learn',
+    'nipype_nibtrack.snapshot:snapshot',
+    'nipype_nibtrack.state:image_state',
+    'nipype_nibtrack.state:holds',
+    'nipype_nibtrack.resolve:_resolve_image',
+)
+
+
+@pytest.mark.parametrize('seed', range(3))
+def test_random_edits_by_another_thread_at_random_points_leave_no_wrong_answer(
+    settled_any, store, seed
+):
+    """Seeded walks: each answer runs with another thread putting random attributes in
+    state A or B at random entry points; after each, with the thread done, every
+    remembered answer is a fresh full check's and the handed file holds the image."""
+    rng = np.random.default_rng(seed)
+    settled = settled_any
+    img = nt.load(settled)
+    _ext_bytearray(img)
+    names = [name for name in TOGGLES if name != 'class']
+    at_b: set[str] = set()
+
+    def put(name: str, b: bool) -> Callable[[], None]:
+        def edit():
+            if b and name not in at_b:
+                TOGGLES[name][1](img)
+                at_b.add(name)
+            elif not b and name in at_b:
+                TOGGLES[name][2](img)
+                at_b.discard(name)
+
+        return edit
+
+    for _ in range(12):
+        points = rng.choice(HOOK_POINTS, size=3, replace=False)
+        plan = {
+            str(point): [put(str(rng.choice(names)), bool(rng.integers(2))) for _ in range(2)]
+            for point in points
+        }
+        answer = rng.choice(['is_dirty', 'is_dirty_memoised', 'resolve_memoised', 'check'])
+        with edits_at(plan):
+            if answer == 'is_dirty':
+                nt.is_dirty(img)
+            elif answer == 'is_dirty_memoised':
+                nt.is_dirty_memoised(img)
+            elif answer == 'check':
+                nt.check_image_memoised(img)
+            else:
+                nt.resolve_memoised(img, store=store)
+        want = fresh_reason(img)
+        assert nt.is_dirty(img) is (want is not None), (sorted(at_b), want)
+        assert nt.is_dirty_memoised(img) is (want is not None), (sorted(at_b), want)
+        resolved = nt.resolve_memoised(img, store=store)
+        if not at_b & {'proxy offset', 'proxy dtype', 'class of its own'}:
+            assert_same_content(nib.load(resolved.path), img)
+        if want is None:
+            assert resolved.path == str(settled)
