@@ -26,6 +26,13 @@ The copy is made without the image's constructor (which rewrites header fields):
   attached to the copy itself. What a check learns is filed in the image's own record
   (:func:`~.provenance.source_record`).
 
+Every other attribute of these objects (and of the extension list and its items) is
+shared with the image, so it must be an immutable plain value (a string, a number, a
+dtype, a tuple of them...): a method shadowed on the instance (bound to the image's own
+object) or a mutable attribute would let the copy read the live image. Any other value,
+and any class of the user's own that reads its state otherwise than nibabel's
+(:func:`~.recheck.nibabel_behaviour`), and no copy is made.
+
 Only images the memos keep answers for are frozen (NIfTI/Analyze images reading through
 a proxy by absolute name, no data cache, bound to their files: see
 :func:`~.recheck.image_key`); every other image is answered in full, on itself, every
@@ -42,8 +49,8 @@ import numpy as np
 from nibabel.analyze import AnalyzeImage
 
 from .provenance import _FROZEN, _PRIVATE, Record, binding_of, give_private_record, record_of
-from .recheck import image_key
-from .snapshot import private_proxy
+from .recheck import image_key, nibabel_behaviour
+from .snapshot import plain_value, private_proxy
 
 __all__ = ['Frozen', 'freeze', 'frozen_of']
 
@@ -124,15 +131,20 @@ def freeze(img: Any) -> Frozen | None:
     return Frozen(copy, key, record, source)
 
 
+_IMAGE_COPIED = frozenset({'_header', '_affine', '_dataobj', 'file_map', 'extra', '_load_cache'})
+
+
 def _copy_image(img: Any) -> Any:
     state = dict(img.__dict__)  # one read of every attribute
+    _require_plain(state, _IMAGE_COPIED)
     state['_header'] = _copy_header(state['_header'])
     affine = state['_affine']
     if not isinstance(affine, np.ndarray):
         raise TypeError('not an array affine')
     state['_affine'] = affine.copy()
     state['_dataobj'] = private_proxy(state['_dataobj'])
-    state['file_map'] = {key: _copy_plain(holder) for key, holder in state['file_map'].items()}
+    holders = list(state['file_map'].items())  # one read (not an iterator another thread breaks)
+    state['file_map'] = {key: _copy_plain(holder) for key, holder in holders}
     if isinstance(state.get('extra'), dict):
         state['extra'] = dict(state['extra'])
     state.pop('_load_cache', None)  # nothing reads it; it shares the header's extensions
@@ -143,14 +155,18 @@ def _copy_image(img: Any) -> Any:
 
 def _copy_header(header: Any) -> Any:
     state = dict(header.__dict__)
+    _require_plain(state, _HEADER_COPIED)
     fields = state['_structarr']
     # one read of the bytes, the same dtype: what binaryblock and every getter read
     state['_structarr'] = np.ndarray(fields.shape, fields.dtype, bytearray(fields.tobytes()))
     extensions = state.get('extensions')
     if extensions is not None:
+        _require_class(type(extensions))
         copied = type(extensions)()
         copied.extend(_copy_extension(ext) for ext in list(extensions))
-        copied.__dict__.update(getattr(extensions, '__dict__', _NO_STATE))
+        shared = dict(getattr(extensions, '__dict__', _NO_STATE))
+        _require_plain(shared)
+        copied.__dict__.update(shared)
         state['extensions'] = copied
     copy = object.__new__(type(header))
     copy.__dict__.update(state)
@@ -160,14 +176,34 @@ def _copy_header(header: Any) -> Any:
 def _copy_extension(ext: Any) -> Any:
     # its bytes, synced from its object if it has one, read once (and copied when the
     # object is a bytearray, which the plain extension class keeps as its content)
+    _require_class(type(ext))
     raw = bytes(ext.content)
-    copy = _copy_plain(ext)
+    copy = _copy_plain(ext, _EXTENSION_COPIED)
     copy.__dict__.pop('_object', None)  # decoded again from ``raw`` if ever asked for
     copy._raw = raw
     return copy
 
 
-def _copy_plain(obj: Any) -> Any:
+_HEADER_COPIED = frozenset({'_structarr', 'extensions'})
+_EXTENSION_COPIED = frozenset({'_raw', '_object'})
+
+
+def _copy_plain(obj: Any, copied: frozenset = frozenset()) -> Any:
+    _require_class(type(obj))
+    state = dict(obj.__dict__)
+    _require_plain(state, copied)
     copy = object.__new__(type(obj))
-    copy.__dict__.update(obj.__dict__)
+    copy.__dict__.update(state)
     return copy
+
+
+def _require_class(klass: type) -> None:
+    if not nibabel_behaviour(klass):
+        raise TypeError(f'{klass.__qualname__} reads its state its own way')
+
+
+def _require_plain(state: dict, copied: frozenset = frozenset()) -> None:
+    # shared with the image: only values nobody can change in place
+    for name, value in state.items():
+        if name not in copied and not plain_value(value):
+            raise TypeError(f'attribute {name} would be shared with the image')

@@ -150,6 +150,15 @@ class Record:
 
 _records: dict[int, tuple[weakref.ref, Record]] = {}
 _lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    # a lock held by another thread at fork() stays held forever in the child
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 # In a private copy of an image (see :mod:`.frozen`), its own __dict__ holds
 # (its private record, the record it was copied from) and the key read from it: nothing
 # else refers to the copy. Copies and pickles of it drop them (see .copies).

@@ -51,6 +51,7 @@ __all__ = [
     'files_unchanged',
     'image_key',
     'memo_for',
+    'nibabel_behaviour',
     'read_files',
     'still_clean',
 ]
@@ -95,8 +96,10 @@ def image_key(img: Any) -> tuple | None:
     (:func:`~.frozen.freeze`) it names the image's own data object, so it equals the
     image's key while the image holds the state copied. None for anything but a
     NIfTI/Analyze image reading its voxels through an :class:`ArrayProxy` by absolute
-    name, without a held file, a data cache (editable in place without a trace) or an
-    affine of None.
+    name, without a held file, a data cache (editable in place without a trace), an
+    affine of None or of objects (its bytes are their addresses, which a freed float
+    passes on to the next one), or a class of its own that reads attributes the key
+    does not (:func:`nibabel_behaviour`).
 
     >>> import numpy as np, nibabel as nib
     >>> image_key(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None  # no proxy
@@ -114,10 +117,15 @@ def image_key(img: Any) -> tuple | None:
     if img._fdata_cache is not None or img._data_cache is not None:
         return None  # a cache can be edited in place without a trace
     affine = img._affine
-    if affine is None:
-        return None  # the header decides the affine: not a default load's state
+    if not isinstance(affine, np.ndarray) or (kind := affine.dtype).hasobject:
+        return None  # None: the header decides it; objects: the bytes are their addresses
     header = img._header
     structarr = header._structarr
+    if structarr.dtype.hasobject:
+        return None
+    known = type(img) in _NIBABEL and type(header) in _NIBABEL  # else: the walk
+    if not (known or (nibabel_behaviour(type(img)) and nibabel_behaviour(type(header)))):
+        return None
     file_map = img.file_map
     return (
         type(img),
@@ -125,7 +133,7 @@ def image_key(img: Any) -> tuple | None:
         structarr.dtype,  # the byte order and layout the bytes are read with
         structarr.tobytes(),  # what binaryblock returns, without the checks
         extension_bytes(header) if getattr(header, 'extensions', None) else b'',
-        affine.dtype,
+        kind,
         affine.shape,
         affine.tobytes(),
         getattr(img, '_dtype_alias', None),
@@ -134,6 +142,44 @@ def image_key(img: Any) -> tuple | None:
         tuple(file_map),
         tuple(map(_holder_names, file_map.values())),
     )
+
+
+_NIBABEL: set[type] = set()  # nibabel's own classes met so far (a set test is cheapest)
+# dunder names that change how every attribute is read: not nibabel's behaviour
+_ATTRIBUTE_HOOKS = frozenset({'__getattribute__', '__getattr__'})
+_IGNORED = frozenset({'__doc__', '__module__', '__qualname__', '__dict__', '__weakref__'})
+
+
+def nibabel_behaviour(klass: type) -> bool:
+    """True when ``klass`` reads its state as the nibabel class it derives from does.
+
+    Between ``klass`` and the first class of its MRO defined by nibabel, only dunder
+    methods other than attribute hooks may be defined (``__eq__``, ``__hash__``,
+    ``__repr__``...): a property or method of a class of the user's own may read
+    attributes that :func:`image_key` (or a private copy, :mod:`.frozen`) does not
+    cover, and its answers are computed in full every time.
+
+    >>> import nibabel as nib
+    >>> class Labelled(nib.Nifti1Image):
+    ...     def __repr__(self):
+    ...         return 'labelled'
+    >>> class Shifted(nib.Nifti1Image):
+    ...     @property
+    ...     def affine(self):
+    ...         return self._affine + self.shift
+    >>> nibabel_behaviour(Labelled), nibabel_behaviour(Shifted)
+    (True, False)
+    """
+    if klass.__module__[:8] == 'nibabel.':  # the common case, remembered
+        _NIBABEL.add(klass)
+        return True
+    for base in klass.__mro__:
+        if base.__module__.split('.', 1)[0] == 'nibabel':
+            return True
+        for name in vars(base).keys() - _IGNORED:
+            if name[:2] != '__' or name[-2:] != '__' or name in _ATTRIBUTE_HOOKS:
+                return False
+    return False
 
 
 #: Everything an ArrayProxy reads its values with (C-level: no Python frame)

@@ -255,8 +255,11 @@ class _Pinned:
             return None
         mat = None
         if 'mat' in paths:
-            mat = _whole_file(paths['mat'])
-            mat = b'' if mat == b'missing' else mat
+            try:  # the file's own bytes: never a sentinel a file could hold
+                with open(paths['mat'], 'rb') as fobj:
+                    mat = fobj.read()
+            except FileNotFoundError:
+                mat = b''  # nibabel reads a missing .mat as an empty one: no .mat
         key = b'\0'.join([header] + ([] if mat is None else [b'mat', mat]))
         return cls(header, whole, mat, key, header_path, paths.get('mat'))
 

@@ -151,6 +151,9 @@ _held_lock = threading.Lock()
 
 
 def _close_inherited_locks() -> None:
+    global _held_lock, _store_lock
+    # and the threads' locks: one held by another thread at fork() stays held forever
+    _held_lock, _store_lock = threading.Lock(), threading.Lock()
     for fd in list(_held_fds):
         with contextlib.suppress(OSError):
             os.close(fd)
