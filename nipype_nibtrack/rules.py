@@ -256,7 +256,7 @@ class _Pinned:
         mat = None
         if 'mat' in paths:
             try:  # the file's own bytes: never a sentinel a file could hold
-                with open(paths['mat'], 'rb') as fobj:
+                with open(paths['mat'], 'rb', opener=regular_opener) as fobj:
                     mat = fobj.read()
             except FileNotFoundError:
                 mat = b''  # nibabel reads a missing .mat as an empty one: no .mat

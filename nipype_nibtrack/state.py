@@ -55,6 +55,7 @@ from typing import Any
 
 from .fileid import FileId, path_id
 from .frozen import freeze
+from .locks import renew_after_fork
 from .provenance import binding_of, file_paths, record_of, source_files
 from .recheck import files_unchanged, image_key, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
@@ -190,6 +191,7 @@ class _Answer:
 _answers: dict[int, tuple[weakref.ref, dict]] = {}
 # reentrant: a weak reference's callback may run (garbage collection) while it is held
 _lock = threading.RLock()
+renew_after_fork(globals(), '_lock')
 _MISSING = object()
 
 
@@ -214,15 +216,6 @@ def _answers_of(img: Any, create: bool = False) -> dict | None:
     answers: dict = {}
     _answers[key] = (ref, answers)
     return answers
-
-
-def _reset_after_fork() -> None:
-    # a lock held by another thread at fork() stays held forever in the child
-    global _lock
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _recall(img: Any, question: tuple) -> Any:

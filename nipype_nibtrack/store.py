@@ -53,6 +53,7 @@ import xxhash
 
 from .digest import DIGEST_VERSION, _Memo
 from .fileid import FileId
+from .locks import renew_after_fork
 
 __all__ = [
     'ENV_VAR',
@@ -151,9 +152,6 @@ _held_lock = threading.Lock()
 
 
 def _close_inherited_locks() -> None:
-    global _held_lock, _store_lock
-    # and the threads' locks: one held by another thread at fork() stays held forever
-    _held_lock, _store_lock = threading.Lock(), threading.Lock()
     for fd in list(_held_fds):
         with contextlib.suppress(OSError):
             os.close(fd)
@@ -1062,6 +1060,7 @@ def _check_name(name: str) -> None:
 
 _store: Store | None = None
 _store_lock = threading.Lock()
+renew_after_fork(globals(), '_held_lock', '_store_lock')
 
 
 def get_store() -> Store:
