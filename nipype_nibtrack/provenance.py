@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from .fileid import (
     path_id,
     regular_opener,
 )
+from .locks import renew_after_fork
 from .snapshot import Snapshot, data_origin, proxy_spec, snapshot
 
 __all__ = [
@@ -150,15 +152,7 @@ class Record:
 
 _records: dict[int, tuple[weakref.ref, Record]] = {}
 _lock = threading.Lock()
-
-
-def _reset_after_fork() -> None:
-    # a lock held by another thread at fork() stays held forever in the child
-    global _lock
-    _lock = threading.Lock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
+renew_after_fork(globals(), '_lock')
 # In a private copy of an image (see :mod:`.frozen`), its own __dict__ holds
 # (its private record, the record it was copied from) and the key read from it: nothing
 # else refers to the copy. Copies and pickles of it drop them (see .copies).
@@ -395,9 +389,15 @@ def truncation(img: Any) -> str | None:
         size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
         if size is None or size == need % (1 << 32):
             return None
+        # the trailer is only the last member's size (bgzip writes many members), modulo
+        # 2**32: the stream itself decides, inflated once per file identity
+        ident = path_id(path)
+        size = _stream_length(path, ident) if ident and ident.settled() else _inflate(path)
+        if size is None or size >= need:
+            return None
         return (
-            f'{path} is truncated or damaged: its gzip trailer says it inflates to {size} '
-            f'bytes, its header needs {need} ({offset} + {voxels} bytes of voxels)'
+            f'{path} is truncated or damaged: it inflates to {size} bytes, its header '
+            f'needs {need} ({offset} + {voxels} bytes of voxels)'
         )
     if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
         return None  # a compressed file's size says nothing of what it inflates to
@@ -420,6 +420,35 @@ def _inflated_size(path: str) -> int | None:
         return int.from_bytes(os.pread(fd, _GZIP_TRAILER, size - _GZIP_TRAILER), 'little')
     finally:
         os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_length(path: str, ident: FileId) -> int | None:
+    """:func:`_inflate`, once per settled file identity."""
+    return _inflate(path)
+
+
+def _inflate(path: str) -> int | None:
+    """How many bytes the gzip file ``path`` inflates to, every member counted, up to
+    where it stops being readable; None when it cannot be opened."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    total, inflater = 0, zlib.decompressobj(wbits=31)
+    with os.fdopen(fd, 'rb') as fobj:
+        while chunk := fobj.read(1 << 20):
+            while chunk:
+                try:
+                    total += len(inflater.decompress(chunk))
+                except zlib.error:
+                    return total  # damaged here: what inflated before is all there is
+                chunk = inflater.unused_data
+                if inflater.eof:
+                    inflater = zlib.decompressobj(wbits=31)  # the next member
+                else:
+                    chunk = b''
+    return total
 
 
 def source_files(img: Any) -> tuple[str, ...]:
