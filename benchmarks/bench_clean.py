@@ -6,7 +6,9 @@ header is re-read at each call), from 32^3 to 256^3, and of a file younger than 
 1 s racy window. The floor is one ``os.stat`` of the same file. Exits 0 whatever the
 numbers: a benchmark reports, it does not fail on a noisy machine.
 
-Run: ``python benchmarks/bench_clean.py [--quick]``.
+Run: ``python benchmarks/bench_clean.py [--quick] [--idle-thread]``; ``--idle-thread``
+measures with one more Python thread alive and idle (as in a MultiProc parent or a
+Jupyter kernel).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+from timing import idle_thread
 
 import nipype_nibtrack as nt
 
@@ -102,4 +105,5 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == '__main__':
-    sys.exit(main(sys.argv[1:]))
+    with idle_thread('--idle-thread' in sys.argv):
+        sys.exit(main(sys.argv[1:]))

@@ -2,7 +2,8 @@
 
 Run ``python benchmarks/bench_limits.py`` (``--quick``: 64 MiB instead of 256 MiB, no
 2 GiB scale rows; ``--no-reruns``: skip the nipype workflow rows; ``--only reruns``: only
-them). Each row prints as
+them; ``--idle-thread``: with one more Python thread alive and idle, as in a MultiProc
+parent or a Jupyter kernel). Each row prints as
 ``what: ours, floor, ratio, goal``; the floor is measured in the same run on the same
 bytes. Memory rows run in a fresh subprocess and read its peak RSS (``VmHWM``, reset to
 the resident size just before the measured call: a child's ``ru_maxrss`` starts at its
@@ -26,7 +27,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import xxhash
-from timing import timings
+from timing import idle_thread, timings
 
 import nipype_nibtrack as nt
 from nipype_nibtrack import digest as digest_mod
@@ -283,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
         choices=['memory', 'scale', 'reruns'],
         help='measure only these rows (and print them)',
     )
+    parser.add_argument(
+        '--idle-thread', action='store_true', help='with one more Python thread alive, idle'
+    )
     args = parser.parse_args(argv)
     print('row: ours, floor, ratio, goal')
-    if args.only:
-        with tempfile.TemporaryDirectory() as tmp:
-            {'memory': memory, 'scale': scale, 'reruns': reruns}[args.only](Path(tmp))
-    else:
-        measure(args.quick, not args.no_reruns)
+    with idle_thread(args.idle_thread):
+        if args.only:
+            with tempfile.TemporaryDirectory() as tmp:
+                {'memory': memory, 'scale': scale, 'reruns': reruns}[args.only](Path(tmp))
+        else:
+            measure(args.quick, not args.no_reruns)
     if args.json:
         args.json.write_text(json.dumps(ROWS, indent=1))
     return 0

@@ -13,6 +13,7 @@ from typing import Any
 
 from .digest import image_digest
 from .frontends import import_later, when_imported
+from .locks import renew_after_fork
 from .provenance import load, mark_clean, mark_dirty, source_files
 from .resolve import (
     ImageReadError,
@@ -81,6 +82,7 @@ __all__ = [
     'mark_clean',
     'mark_dirty',
     'normalise_formats',
+    'renew_after_fork',
     'resolve',
     'resolve_memoised',
     'set_store',

@@ -140,6 +140,8 @@ def _reduce_image(img: Any) -> tuple:
     binding = provenance.binding_of(img)  # first sight now, before any chdir of the copy
     record = provenance.record_of(img)
     state = dict(vars(img))
+    for name in provenance.PRIVATE_SLOTS:  # a private copy's (see .frozen): not the copy's
+        state.pop(name, None)
     if binding is not None:
         state['file_map'] = {
             key: FileHolder(binding.paths[key], holder.fileobj, holder.pos)

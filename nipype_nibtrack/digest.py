@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import sys
 import threading
+import weakref
 import zlib
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,7 +27,7 @@ from nibabel.gifti import GiftiImage
 
 from .fileid import fd_id, path_id
 from .opening import reading
-from .snapshot import ProxySpec, proxy_spec, snapshot
+from .snapshot import ProxySpec, private_proxy, proxy_spec, snapshot
 
 try:
     from ._gather import gather as _kernel
@@ -257,12 +259,21 @@ def update_with_array(hasher: Any, arr: np.ndarray, order: str = 'C') -> None:
 
 
 class _Memo:
-    """A small thread-safe LRU map."""
+    """A small thread-safe LRU map (whose lock a forked child takes afresh)."""
+
+    _every: weakref.WeakSet = weakref.WeakSet()
 
     def __init__(self, size: int = 512):
         self._data: OrderedDict = OrderedDict()
         self._size = size
         self._lock = threading.Lock()
+        _Memo._every.add(self)
+
+    @classmethod
+    def _reset_after_fork(cls) -> None:
+        # a lock held by another thread at fork() stays held forever in the child
+        for memo in list(cls._every):
+            memo._lock = threading.Lock()
 
     def get(self, key: Any) -> Any:
         with self._lock:
@@ -279,6 +290,7 @@ class _Memo:
                 self._data.popitem(last=False)
 
 
+os.register_at_fork(after_in_child=_Memo._reset_after_fork)
 _proxy_digests = _Memo()
 
 
@@ -444,8 +456,17 @@ def data_digest(dataobj: Any, dtype: Any = None, order: str = 'C', *, raw: bool 
     >>> data_digest(np.zeros(3, 'f4')) == data_digest(np.zeros(3, 'f8'), 'f4')
     True
     """
+    private = True
+    if isinstance(dataobj, ArrayProxy) and not getattr(dataobj, '_persist_opener', True):
+        # read and keyed through one private copy: another thread changing the proxy's
+        # parameters and back while it is read cannot file one reading under the other
+        # (not a proxy holding its file: a copy would close the file when collected)
+        try:
+            dataobj = private_proxy(dataobj)
+        except TypeError:  # it would share state with the proxy: read it, keep nothing
+            private = False
     spec = proxy_spec(dataobj)
-    key = _proxy_key(spec, str(dtype), order, raw)
+    key = _proxy_key(spec, str(dtype), order, raw) if private else None
     if key is not None and (hit := _proxy_digests.get(key)) is not None:
         return hit
     if order == 'C' or not isinstance(dataobj, ArrayProxy) or isinstance(dataobj, AFNIArrayProxy):

@@ -16,10 +16,13 @@ from collections.abc import Callable
 from types import ModuleType
 from typing import Any
 
+from .locks import renew_after_fork
+
 __all__ = ['when_imported']
 
 _pending: dict[str, list[Callable[[], Any]]] = {}
 _lock = threading.RLock()
+renew_after_fork(globals(), '_lock')
 _searching = threading.local()
 
 

@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import weakref
+import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,7 +40,8 @@ from .fileid import (
     path_id,
     regular_opener,
 )
-from .snapshot import Snapshot, proxy_spec, snapshot
+from .locks import renew_after_fork
+from .snapshot import Snapshot, data_origin, proxy_spec, snapshot
 
 __all__ = [
     'LOAD_OPTIONS',
@@ -49,12 +51,14 @@ __all__ = [
     'bound_source',
     'file_identities',
     'file_paths',
+    'give_private_record',
     'load',
     'load_options_reason',
     'mark_clean',
     'mark_dirty',
     'record_of',
     'source_files',
+    'source_record',
     'truncation',
 ]
 
@@ -132,11 +136,30 @@ class Record:
     verdict: Any = None  # a recheck.Memo of the last clean verdict
 
     def holds_dataobj(self, dataobj: Any) -> bool:
-        return self.dataobj is not None and self.dataobj() is dataobj
+        # a private copy of the proxy (see :mod:`.frozen`) stands for the proxy it copies
+        return self.dataobj is not None and self.dataobj() is data_origin(dataobj)
+
+    def private_copy(self) -> Record:
+        """A copy of every field as it is now, for a private copy of its image.
+
+        The containers in it are never changed in place (only fields are set), so a
+        shallow copy is one state of the record.
+        """
+        copy = object.__new__(Record)
+        copy.__dict__.update(self.__dict__)  # one read of every field
+        return copy
 
 
 _records: dict[int, tuple[weakref.ref, Record]] = {}
 _lock = threading.Lock()
+renew_after_fork(globals(), '_lock')
+# In a private copy of an image (see :mod:`.frozen`), its own __dict__ holds
+# (its private record, the record it was copied from) and the key read from it: nothing
+# else refers to the copy. Copies and pickles of it drop them (see .copies).
+_PRIVATE = '_nibtrack_private_record'
+_FROZEN = '_nibtrack_frozen'
+PRIVATE_SLOTS = (_PRIVATE, _FROZEN)
+_NO_STATE: dict = {}
 
 
 def record_of(img: Any) -> Record | None:
@@ -149,9 +172,28 @@ def record_of(img: Any) -> Record | None:
     (True, 'load')
     """
     entry = _records.get(id(img))  # one dict lookup is atomic: writers alone take the lock
-    if entry is None or entry[0]() is not img:
-        return None
-    return entry[1]
+    if entry is not None and entry[0]() is img:
+        return entry[1]
+    private = getattr(img, '__dict__', _NO_STATE).get(_PRIVATE)  # a private copy's own
+    return None if private is None else private[0]
+
+
+def give_private_record(copy: Any, record: Record) -> Record:
+    """Attach to ``copy``, a private copy of an image (see :mod:`.frozen`), a private
+    copy of ``record``, the image's; :func:`record_of` gives it for ``copy``.
+
+    The copy is registered nowhere: the record lives in its own ``__dict__``.
+    """
+    private = record.private_copy()
+    copy.__dict__[_PRIVATE] = (private, record)
+    return private
+
+
+def source_record(img: Any) -> Record | None:
+    """The record what is learnt about ``img`` belongs to: for a private copy, the
+    record of the image it copies (see :func:`give_private_record`), else its own."""
+    private = getattr(img, '__dict__', _NO_STATE).get(_PRIVATE)
+    return record_of(img) if private is None else private[1]
 
 
 def _set_record(img: Any, record: Record) -> None:
@@ -347,9 +389,15 @@ def truncation(img: Any) -> str | None:
         size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
         if size is None or size == need % (1 << 32):
             return None
+        # the trailer is only the last member's size (bgzip writes many members), modulo
+        # 2**32: the stream itself decides, inflated once per file identity
+        ident = path_id(path)
+        size = _stream_length(path, ident) if ident and ident.settled() else _inflate(path)
+        if size is None or size >= need:
+            return None
         return (
-            f'{path} is truncated or damaged: its gzip trailer says it inflates to {size} '
-            f'bytes, its header needs {need} ({offset} + {voxels} bytes of voxels)'
+            f'{path} is truncated or damaged: it inflates to {size} bytes, its header '
+            f'needs {need} ({offset} + {voxels} bytes of voxels)'
         )
     if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
         return None  # a compressed file's size says nothing of what it inflates to
@@ -372,6 +420,35 @@ def _inflated_size(path: str) -> int | None:
         return int.from_bytes(os.pread(fd, _GZIP_TRAILER, size - _GZIP_TRAILER), 'little')
     finally:
         os.close(fd)
+
+
+@functools.lru_cache(maxsize=64)
+def _stream_length(path: str, ident: FileId) -> int | None:
+    """:func:`_inflate`, once per settled file identity."""
+    return _inflate(path)
+
+
+def _inflate(path: str) -> int | None:
+    """How many bytes the gzip file ``path`` inflates to, every member counted, up to
+    where it stops being readable; None when it cannot be opened."""
+    try:
+        fd = open_regular(path)
+    except OSError:
+        return None
+    total, inflater = 0, zlib.decompressobj(wbits=31)
+    with os.fdopen(fd, 'rb') as fobj:
+        while chunk := fobj.read(1 << 20):
+            while chunk:
+                try:
+                    total += len(inflater.decompress(chunk))
+                except zlib.error:
+                    return total  # damaged here: what inflated before is all there is
+                chunk = inflater.unused_data
+                if inflater.eof:
+                    inflater = zlib.decompressobj(wbits=31)  # the next member
+                else:
+                    chunk = b''
+    return total
 
 
 def source_files(img: Any) -> tuple[str, ...]:

@@ -20,13 +20,17 @@ pure function of the header bytes (and the ``.mat``), and an image without a dat
 reads its voxels from the file, as a tool does. This holds for files younger than the
 racy window too: a same-size rewrite within one clock tick that changes the header
 changes these bytes. Anything else, or any difference, falls back to the full check.
+
+An answer is remembered under the image's side read from the private copy it was
+computed on (:mod:`.frozen`), never from the image itself: another thread may edit the
+image and restore it while the answer is computed. So the memos work the same whatever
+threads are alive.
 """
 
 from __future__ import annotations
 
 import os
 import stat
-import threading
 import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -39,15 +43,15 @@ from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 
 from .fileid import READ_FLAGS, FileId, regular_opener
-from .snapshot import extension_bytes
+from .snapshot import data_origin, extension_bytes
 
 __all__ = [
     'FileSide',
     'Memo',
     'files_unchanged',
     'image_key',
-    'may_remember',
     'memo_for',
+    'nibabel_behaviour',
     'read_files',
     'still_clean',
 ]
@@ -81,22 +85,6 @@ class Memo:
         return tuple(path for path, *_ in self.files)
 
 
-def may_remember() -> bool:
-    """True when an answer computed now may be remembered under the image's state.
-
-    Only while no other thread runs: one could edit the image and restore it while the
-    answer is computed (A -> B -> A), and B's answer would be kept for A, long after the
-    edits stopped; no comparison of the state before and after can see it. Threads the
-    computation starts itself (the core's writer) do not edit images. Every memo of an
-    image's answers (remembered clean verdicts, :mod:`.state`) asks this first.
-
-    >>> import threading
-    >>> may_remember() == (threading.active_count() == 1)
-    True
-    """
-    return threading.active_count() == 1
-
-
 def image_key(img: Any) -> tuple | None:
     """The image's side of an answer, or None when the image is not a simple case.
 
@@ -104,10 +92,14 @@ def image_key(img: Any) -> tuple | None:
     class, dtype (byte order and layout) and bytes, its NIfTI extensions as written, the
     affine, the dtype alias, the data object (identity and every read parameter) and
     the file map's names and file objects. Built from C-level accessors in about a
-    microsecond: it is taken again at every check. None for anything but a
+    microsecond: it is taken again at every check. Of a private copy
+    (:func:`~.frozen.freeze`) it names the image's own data object, so it equals the
+    image's key while the image holds the state copied. None for anything but a
     NIfTI/Analyze image reading its voxels through an :class:`ArrayProxy` by absolute
-    name, without a held file, a data cache (editable in place without a trace) or an
-    affine of None.
+    name, without a held file, a data cache (editable in place without a trace), an
+    affine of None or of objects (its bytes are their addresses, which a freed float
+    passes on to the next one), or a class of its own that reads attributes the key
+    does not (:func:`nibabel_behaviour`).
 
     >>> import numpy as np, nibabel as nib
     >>> image_key(nib.Nifti1Image(np.zeros((2, 2, 2)), np.eye(4))) is None  # no proxy
@@ -125,10 +117,15 @@ def image_key(img: Any) -> tuple | None:
     if img._fdata_cache is not None or img._data_cache is not None:
         return None  # a cache can be edited in place without a trace
     affine = img._affine
-    if affine is None:
-        return None  # the header decides the affine: not a default load's state
+    if not isinstance(affine, np.ndarray) or (kind := affine.dtype).hasobject:
+        return None  # None: the header decides it; objects: the bytes are their addresses
     header = img._header
     structarr = header._structarr
+    if structarr.dtype.hasobject:
+        return None
+    known = type(img) in _NIBABEL and type(header) in _NIBABEL  # else: the walk
+    if not (known or (nibabel_behaviour(type(img)) and nibabel_behaviour(type(header)))):
+        return None
     file_map = img.file_map
     return (
         type(img),
@@ -136,15 +133,53 @@ def image_key(img: Any) -> tuple | None:
         structarr.dtype,  # the byte order and layout the bytes are read with
         structarr.tobytes(),  # what binaryblock returns, without the checks
         extension_bytes(header) if getattr(header, 'extensions', None) else b'',
-        affine.dtype,
+        kind,
         affine.shape,
         affine.tobytes(),
         getattr(img, '_dtype_alias', None),
-        dataobj,
+        data_origin(dataobj),  # a private copy (see .frozen) names the proxy it copies
         _read_parameters(dataobj),
         tuple(file_map),
         tuple(map(_holder_names, file_map.values())),
     )
+
+
+_NIBABEL: set[type] = set()  # nibabel's own classes met so far (a set test is cheapest)
+# dunder names that change how every attribute is read: not nibabel's behaviour
+_ATTRIBUTE_HOOKS = frozenset({'__getattribute__', '__getattr__'})
+_IGNORED = frozenset({'__doc__', '__module__', '__qualname__', '__dict__', '__weakref__'})
+
+
+def nibabel_behaviour(klass: type) -> bool:
+    """True when ``klass`` reads its state as the nibabel class it derives from does.
+
+    Between ``klass`` and the first class of its MRO defined by nibabel, only dunder
+    methods other than attribute hooks may be defined (``__eq__``, ``__hash__``,
+    ``__repr__``...): a property or method of a class of the user's own may read
+    attributes that :func:`image_key` (or a private copy, :mod:`.frozen`) does not
+    cover, and its answers are computed in full every time.
+
+    >>> import nibabel as nib
+    >>> class Labelled(nib.Nifti1Image):
+    ...     def __repr__(self):
+    ...         return 'labelled'
+    >>> class Shifted(nib.Nifti1Image):
+    ...     @property
+    ...     def affine(self):
+    ...         return self._affine + self.shift
+    >>> nibabel_behaviour(Labelled), nibabel_behaviour(Shifted)
+    (True, False)
+    """
+    if klass.__module__[:8] == 'nibabel.':  # the common case, remembered
+        _NIBABEL.add(klass)
+        return True
+    for base in klass.__mro__:
+        if base.__module__.split('.', 1)[0] == 'nibabel':
+            return True
+        for name in vars(base).keys() - _IGNORED:
+            if name[:2] != '__' or name[-2:] != '__' or name in _ATTRIBUTE_HOOKS:
+                return False
+    return False
 
 
 #: Everything an ArrayProxy reads its values with (C-level: no Python frame)

@@ -339,7 +339,12 @@ def _resolve_image(img: Any, accepted: tuple[str, ...] | None, store: Store | No
         verdict = cleanliness(img)  # the memo no longer holds, or another format is asked
     reason = verdict.reason
     if reason is None:
-        own = verdict.handed or kernel_path(main_path(img))
+        own = verdict.handed
+        if own is None:
+            main = main_path(img)
+            if main not in verdict.ids:  # renamed by another thread since it was checked
+                raise _SourceChanged(image=True)
+            own = kernel_path(main)
         if accepted is None or _accepted(own, accepted):
             # The file may have changed since the check: re-check for a stat per file
             if not verdict.still_holds():

@@ -13,7 +13,10 @@ identity.
 
 from __future__ import annotations
 
+import contextvars
+import io
 import os
+import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import singledispatch
@@ -24,14 +27,17 @@ from nibabel.analyze import AnalyzeImage
 from nibabel.brikhead import AFNIImage
 from nibabel.cifti2 import Cifti2Image
 from nibabel.filebasedimages import FileBasedImage
+from nibabel.fileholders import FileHolder
 from nibabel.freesurfer.mghformat import MGHImage
 from nibabel.gifti import GiftiImage
 from nibabel.minc1 import Minc1Image
 from nibabel.nifti2 import Nifti2Header
+from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECImage
 
 from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, all_settled, fd_id, kernel_path, not_regular, path_id, regular_opener
+from .frozen import Frozen, freeze
 from .opening import load_opened
 from .opening import opened as _opened
 from .opening import opened_file_map as _opened_file_map
@@ -46,13 +52,14 @@ from .provenance import (
     source_files,
     truncation,
 )
-from .recheck import Memo, files_unchanged, image_key, may_remember, memo_for, still_clean
+from .recheck import Memo, files_unchanged, image_key, memo_for, still_clean
 from .snapshot import Snapshot, extension_bytes, header_bytes, snapshot
 
 __all__ = [
     'Cleanliness',
     'cleanliness',
     'cleanliness_rule',
+    'compares_with_file',
     'dirty_reason',
     'header_key',
     'is_dirty',
@@ -65,12 +72,22 @@ class Reference:
 
     snapshot: Snapshot
     repaired: bool
+    pinned: _Pinned | None = None  # the bytes it was made from (NIfTI/Analyze)
 
 
 _references = _Memo(1024)
+# The references a check used, while cleanliness() listens (per thread, per task)
+_used: contextvars.ContextVar[list | None] = contextvars.ContextVar('_used', default=None)
 
 
-def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> bool:
+def _fresh_file_map(paths: dict[str, str]) -> dict[str, FileHolder]:
+    return {key: FileHolder(filename=path) for key, path in paths.items()}
+
+
+_COMPRESSED = tuple(ext for ext in ImageOpener.compress_ext_map if ext)
+
+
+def _raw_header_repaired(klass: type, file_map: dict[str, FileHolder], loaded: Any) -> bool:
     """True when nibabel's header repairs on load changed what the tool reads.
 
     The raw header is parsed with ``check=False`` and normalised the way the image
@@ -78,10 +95,9 @@ def _raw_header_repaired(klass: type, paths: dict[str, str], loaded: Any) -> boo
     byte for byte with the header nibabel loaded. Not through the constructor itself:
     it copies the header with ``from_header``, whose ``check_fix`` repairs it again.
     """
-    with _opened_file_map(klass, paths) as file_map:
-        header_holder, _ = klass._get_fileholders(file_map)
-        with header_holder.get_prepare_fileobj(mode='rb') as fobj:
-            raw = klass.header_class.from_fileobj(fobj, check=False)
+    header_holder, _ = klass._get_fileholders(file_map)
+    with header_holder.get_prepare_fileobj(mode='rb') as fobj:
+        raw = klass.header_class.from_fileobj(fobj, check=False)
     raw.set_data_offset(0)
     raw.set_slope_inter(None, None)
     want = snapshot(loaded)
@@ -104,19 +120,8 @@ def header_key(img: Any, paths: dict[str, str]) -> bytes | None:
 @header_key.register
 def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
     # the raw header and extensions, as a tool reads them (no repairs), and the .mat
-    klass = type(img)
-    header_path = paths.get('header', paths['image'])
-    plain = _plain_header_region(header_path, header_path == paths['image'])
-    if plain is not None:
-        parts = [plain]
-    else:  # compressed: parse what the tool reads
-        with _opened(header_path) as fobj:
-            raw = klass.header_class.from_fileobj(fobj, check=False)
-        parts = [header_bytes(raw), extension_bytes(raw)]
-    mat = paths.get('mat')
-    if mat is not None:
-        parts.append(_whole_file(mat))
-    return b'\0'.join(parts)
+    pinned = _Pinned.read(paths)
+    return b'missing' if pinned is None else pinned.key
 
 
 @header_key.register
@@ -144,25 +149,165 @@ def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
 
 
 _NIFTI_SIZES = {348: (108, 'f4'), 540: (168, 'i8')}  # sizeof_hdr: vox_offset's place and type
+_MAX_HEADER = 1 << 24
 
 
-def _plain_header_region(path: str, single: bool) -> bytes | None:
-    """The raw bytes holding an uncompressed header (and, in a single file, its
-    extensions, up to the data offset); None for a compressed file."""
-    if path.endswith(('.gz', '.bz2', '.zst')):
-        return None
-    if not single:
-        return _whole_file(path)  # a .hdr holds the header and nothing else
-    with open(path, 'rb', opener=regular_opener) as fobj:
+class _Served(io.BytesIO):
+    """Bytes read once from a file, served to nibabel's parser in the file's place.
+
+    ``short`` is set when the parser asked for more than they hold: then they were not
+    all it reads from the file (unless they are the ``whole`` file).
+    """
+
+    def __init__(self, data: bytes, whole: bool):
+        super().__init__(data)
+        self.whole = whole
+        self.short = False
+
+    def read(self, size: int | None = -1) -> bytes:
+        data = super().read(size)
+        if not self.whole and (size is None or size < 0 or len(data) < size):
+            self.short = True
+        return data
+
+
+@dataclass(frozen=True)
+class _Pinned:
+    """The bytes a reference of a NIfTI/Analyze image is made of, read once.
+
+    The header file's bytes that nibabel's header parser reads (decompressed; for a
+    single file up to the data offset, for a ``.hdr`` all of it) and the ``.mat``'s
+    (empty when missing, which nibabel treats alike). A reference is parsed from these
+    very bytes and memoised under them (:attr:`key`): another thread or process
+    rewriting a header in place and back while it is loaded (through a shared memory
+    map, which moves no timestamp) cannot get a header it read filed under another.
+    The voxels are not among them: a reference holds where and how they are read.
+    """
+
+    header: bytes
+    whole: bool
+    mat: bytes | None
+    key: bytes
+    header_path: str
+    mat_path: str | None
+
+    @classmethod
+    def read(cls, paths: dict[str, str]) -> _Pinned | None:
+        """None when the header file is missing or its header cannot be bounded."""
+        header_path = paths.get('header', paths['image'])
+        try:
+            header, whole = _header_file_bytes(header_path, header_path == paths['image'])
+        except (FileNotFoundError, _Unbounded):
+            return None
+        mat = None
+        if 'mat' in paths:
+            try:  # the file's own bytes: never a sentinel a file could hold
+                with open(paths['mat'], 'rb', opener=regular_opener) as fobj:
+                    mat = fobj.read()
+            except FileNotFoundError:
+                mat = b''  # nibabel reads a missing .mat as an empty one: no .mat
+        key = b'\0'.join([header] + ([] if mat is None else [b'mat', mat]))
+        return cls(header, whole, mat, key, header_path, paths.get('mat'))
+
+    def agrees(self, files: tuple) -> bool:
+        """True when ``files`` (a files' side, see :mod:`.recheck`) holds these bytes.
+
+        A remembered verdict re-reads the files' side: it must be the side of the very
+        bytes the reference it was reached with was made from.
+        """
+        for path, ident, length, data in files:
+            if path == self.mat_path:
+                if data != self.mat and not (ident is None and self.mat == b''):
+                    return False
+            elif path == self.header_path:
+                if path.endswith(_COMPRESSED):
+                    try:
+                        data = zlib.decompressobj(wbits=31).decompress(data, len(self.header))
+                    except zlib.error:
+                        return False
+                if length >= 0 and not self.whole:
+                    data = data[: len(self.header)]
+                if data != self.header:
+                    return False
+        return True
+
+    def file_map(self, paths: dict[str, str]) -> tuple[dict[str, FileHolder], list[_Served]]:
+        """A file map serving these bytes for the header (and ``.mat``), and the servers."""
+        file_map = _fresh_file_map(paths)
+        served = [_Served(self.header, self.whole)]
+        file_map['header' if 'header' in paths else 'image'] = FileHolder(
+            filename=paths.get('header', paths['image']), fileobj=served[0]
+        )
+        if self.mat is not None:
+            served.append(_Served(self.mat, True))
+            file_map['mat'] = FileHolder(filename=paths['mat'], fileobj=served[-1])
+        return file_map, served
+
+
+class _Unbounded(Exception):
+    """Where a header ends cannot be told from its first bytes, and the file is big."""
+
+
+def _header_file_bytes(path: str, single: bool) -> tuple[bytes, bool]:
+    """(the bytes of ``path`` nibabel's header parser reads, whether they are all of it)."""
+    with _opened(path) as fobj:
+        if not single:
+            return fobj.read(), True  # a .hdr holds the header and nothing else
         head = fobj.read(544)
-        for order in '<>':
-            size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
-            if size in _NIFTI_SIZES and len(head) >= size:
-                where, kind = _NIFTI_SIZES[size]
-                offset = np.frombuffer(head[where:], order + kind, count=1)[0]
-                end = int(offset) if np.isfinite(offset) and 0 < offset < 1 << 24 else size
-                return head + fobj.read(max(0, end - len(head)))
-    return head + b'?'  # not a NIfTI single file: its first bytes, marked
+        end = _parsed_length(head)
+        if end is not None:
+            return (head + fobj.read(max(0, end - len(head))))[:end], False
+        rest = fobj.read(_MAX_HEADER)
+        if len(head) + len(rest) >= _MAX_HEADER:
+            raise _Unbounded(path)
+        return head + rest, True
+
+
+def _parsed_length(head: bytes) -> int | None:
+    """How many bytes a NIfTI single file's header parser reads, from its first bytes;
+    None when not a NIfTI single file or its data offset is invalid."""
+    for order in '<>':
+        size = int(np.frombuffer(head[:4], order + 'i4')[0]) if len(head) >= 4 else 0
+        if size in _NIFTI_SIZES and len(head) >= size + 4:
+            if head[size : size + 1] == b'\x00':
+                return size + 4  # no extensions: the parser stops after the extender
+            where, kind = _NIFTI_SIZES[size]
+            offset = float(np.frombuffer(head, order + kind, count=1, offset=where)[0])
+            if np.isfinite(offset) and size + 4 <= offset <= _MAX_HEADER:
+                return int(offset)
+            return None
+    return None
+
+
+def _load_reference(klass: type, paths: dict[str, str]) -> tuple[Snapshot, bool, _Pinned | None]:
+    """The snapshot of a default load of ``paths``, whether nibabel repaired its header on
+    load, and for a NIfTI/Analyze image the bytes it was made from (:class:`_Pinned`), if
+    pinned. Files are read through descriptors the core opened (:func:`_opened_file_map`)."""
+    if issubclass(klass, AnalyzeImage):
+        pinned = _Pinned.read(paths)
+        if pinned is not None:
+            file_map, served = pinned.file_map(paths)
+            repairs, repair_served = pinned.file_map(paths)
+            try:
+                fresh = klass.from_file_map(file_map)
+                repaired = _raw_header_repaired(klass, repairs, fresh)
+            except Exception:
+                if not any(s.short for s in served + repair_served):
+                    raise
+            else:
+                if not any(s.short for s in served + repair_served):
+                    if 'header' not in paths:  # its voxels are read from the file by name
+                        fresh._dataobj = klass.ImageArrayProxy(
+                            paths['image'], fresh._load_cache['header']
+                        )
+                    return snapshot(fresh), repaired, pinned
+        # the parser reads more than was pinned: load it from the files, unpinned
+    with load_opened(klass, paths) as fresh:  # never opened by name (see .opening)
+        snap = snapshot(fresh)
+        if not issubclass(klass, AnalyzeImage):
+            return snap, False, None
+        with _opened_file_map(klass, paths) as repairs:
+            return snap, _raw_header_repaired(klass, repairs, fresh), None
 
 
 def _key_decides(img: Any, paths: dict[str, str]) -> bool:
@@ -194,14 +339,21 @@ def reference(img: Any, paths: dict[str, str], ids: dict[str, FileId | None]) ->
     head = header_key(img, paths)
     key = (klass, tuple(sorted(paths.items())), tuple(sorted(ids.items())), head)
     hit = _references.get(key)
+    used = _used.get()
     if hit is not None:
+        if used is not None:
+            used.append(hit)
         return hit
-    with load_opened(klass, paths) as fresh:  # never opened by name (see .opening)
-        snap = snapshot(fresh)
-        repaired = issubclass(klass, AnalyzeImage) and _raw_header_repaired(klass, paths, fresh)
-    ref = Reference(snap, repaired)
+    snap, repaired, pinned = _load_reference(klass, paths)
+    ref = Reference(snap, repaired, pinned)
+    if used is not None:
+        used.append(ref)
+    if pinned is not None:  # made from the very bytes it is keyed by: read them once
+        key, head = (*key[:3], pinned.key), pinned.key
     unchanged = file_identities(paths) == ids and header_key(img, paths) == head
+    # a NIfTI/Analyze reference's header bytes decide it only when it was made from them
     decided = head is not None and _key_decides(img, paths)
+    decided = decided and (pinned is not None or not issubclass(klass, AnalyzeImage))
     if unchanged and (decided or all_settled(ids.values())):
         # unchanged while read; and either the header bytes decide the reference, or
         # the identities have settled (no same-size rewrite can hide in a clock tick)
@@ -387,6 +539,22 @@ def _held_file_replaced(current: Snapshot) -> str | None:
 for _klass in (AnalyzeImage, MGHImage, Minc1Image, PARRECImage, AFNIImage, Cifti2Image):
     cleanliness_rule.register(_klass, _compare_against_file)
 
+
+def compares_with_file(klass: type) -> bool:
+    """True when images of ``klass`` are judged by the package's own rule (comparing
+    them with their files), not by one registered by a user.
+
+    Only those are checked on a private copy (:mod:`.frozen`) and have answers
+    remembered: a user's rule may look the very object up (in a table of its own), and
+    the copy is not that object.
+
+    >>> import nibabel as nib
+    >>> compares_with_file(nib.Nifti1Image), compares_with_file(nib.GiftiImage)
+    (True, False)
+    """
+    return cleanliness_rule.dispatch(klass) is _compare_against_file
+
+
 _new = tuple.__new__  # a verdict without NamedTuple's Python-level __new__ (the recheck path)
 
 
@@ -472,7 +640,7 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             'load files with nibabel.load or nipype_nibtrack.load'
         )
     record = record_of(img)
-    simple = cleanliness_rule.dispatch(type(img)) is _compare_against_file
+    simple = compares_with_file(type(img))
     if simple and record is not None and not record.forced_dirty and record.verdict is not None:
         memo = record.verdict
         if defer_files:
@@ -482,40 +650,66 @@ def cleanliness(img: Any, *, defer_files: bool = False) -> Cleanliness:
             ids = still_clean(img, memo)
             if ids is not None:  # nothing it rested on moved: a few system calls
                 return _new(Cleanliness, (None, ids, memo.handed, None))
-    files = source_files(img)
-    alone = may_remember()  # no other thread could edit and restore it meanwhile
+    # Checked on a private copy of the image, and remembered under the key read from that
+    # copy: whatever another thread does to the image meanwhile (edit it, restore it),
+    # the verdict filed is the one for the state it is filed under (see .frozen)
+    frozen = freeze(img) if simple else None
+    subject = img if frozen is None else frozen.image
+    files = source_files(subject)
     for _ in range(3):
-        memo = _memo(img) if simple and alone else None  # read before, compared after
+        memo = _memo(frozen)  # the files' side read before, compared after
         before = {path: path_id(path) for path in files}
-        record = record_of(img)
-        if record is not None and record.forced_dirty:
-            reason = 'marked dirty by the user'
-        else:
-            reason = cleanliness_rule(img, record)
+        record = record_of(subject)
+        used = _used.set([])  # the references the rule reaches its verdict with
+        try:
+            if record is not None and record.forced_dirty:
+                reason = 'marked dirty by the user'
+            else:
+                reason = cleanliness_rule(subject, record)
+            refs = _used.get()
+        finally:
+            _used.reset(used)
         after = {path: path_id(path) for path in files}
         if after == before:
-            # not while a mark_clean compares the files' bytes whole (fresh identities):
-            # a remembered verdict re-reads the headers only
-            keep = reason is None and memo is not None and record is not None
-            keep = keep and record.file_bytes is None
-            if keep and _memo(img) == memo and set(memo.files_paths()) == set(after):
-                record.verdict = memo
+            if frozen is not None and _learn(frozen, memo, reason, after, refs):
+                return Cleanliness(reason, after, memo.handed)
+            if frozen is not None and reason is None:  # the copy's own file, as checked
+                main = frozen.record.binding.paths.get(type(img).files_types[0][0])
+                return Cleanliness(reason, after, None if main is None else kernel_path(main))
             return Cleanliness(reason, after)
     return Cleanliness(f'file(s) {", ".join(files)} kept changing on disk while checked', after)
 
 
-def _memo(img: Any) -> Memo | None:
-    if image_key(img) is None:
+def _learn(frozen: Frozen, memo: Memo | None, reason: str | None, files: dict, refs: list) -> bool:
+    """File what a check of ``frozen``'s copy learnt in the image's own record.
+
+    True when a clean verdict is remembered (under ``memo``, whose image side was read
+    from the very copy checked, and whose files' side holds the very bytes the
+    references ``refs`` the verdict was reached with were made from); not while a
+    ``mark_clean`` compares the files' bytes whole (fresh identities): a remembered
+    verdict re-reads the headers only.
+    """
+    record, source = frozen.record, frozen.source
+    if record.file_bytes is None:
+        source.file_bytes = None  # verified after settling, for these very identities
+    keep = reason is None and memo is not None and record.file_bytes is None
+    keep = keep and all(ref.pinned is not None and ref.pinned.agrees(memo.files) for ref in refs)
+    if keep and _memo(frozen) == memo and set(memo.files_paths()) == set(files):
+        source.verdict = record.verdict = memo
+        return True
+    return False
+
+
+def _memo(frozen: Frozen | None) -> Memo | None:
+    if frozen is None:
         return None
-    binding = binding_of(img)
-    if binding is None:
-        return None
-    main = binding.paths.get(type(img).files_types[0][0])
+    paths = frozen.record.binding.paths
+    main = paths.get(type(frozen.image).files_types[0][0])
     # only when the path handed out is a path the recheck reads: through a '..' the
     # kernel's path is another name, which a moved folder can give to another file
     if main is None or kernel_path(main) != main:
         return None
-    return memo_for(img, binding.paths, main)
+    return memo_for(frozen.image, paths, main)
 
 
 def dirty_reason(img: Any) -> str | None:

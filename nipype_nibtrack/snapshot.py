@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import io
 import os
+import threading
 from dataclasses import dataclass
 from functools import singledispatch
+from pathlib import PurePath
 from typing import Any
 
 import numpy as np
@@ -25,7 +27,17 @@ from nibabel.wrapstruct import WrapStruct
 
 from .fileid import absolute
 
-__all__ = ['ProxySpec', 'Snapshot', 'exact_bytes', 'header_bytes', 'proxy_spec', 'snapshot']
+__all__ = [
+    'ProxySpec',
+    'Snapshot',
+    'data_origin',
+    'exact_bytes',
+    'header_bytes',
+    'plain_value',
+    'private_proxy',
+    'proxy_spec',
+    'snapshot',
+]
 
 
 @dataclass(frozen=True)
@@ -282,6 +294,75 @@ def _(dataobj: MincImageArrayProxy) -> ProxySpec:
         fd, path = None, None
     params = (tuple(dataobj.shape), dataobj.minc_file.get_data_dtype().str)
     return ProxySpec('MincImageArrayProxy', path, params, fd)
+
+
+_ORIGIN = '_nibtrack_origin'  # in a private proxy copy's own __dict__: the proxy it copies
+
+
+def private_proxy(dataobj: ArrayProxy) -> ArrayProxy:
+    """A private copy of a proxy: the same class and read parameters, taken once.
+
+    Nothing else refers to it, so no other thread can change how it reads while an
+    answer is computed from it (the parameters are plain attributes any code can set).
+    Arrays among them (AFNI's per-volume scaling) are copied too. Its
+    :func:`data_origin` is the proxy it copies: memo keys and provenance records name
+    that one. Only for a proxy that opens its file by name at each access: one holding
+    its file open (``keep_file_open=True``) shares its opener, which nibabel closes when
+    a proxy is collected, copy or not (ValueError). Every other attribute must be an
+    immutable :func:`plain_value` (or an array, copied, or the proxy's lock): a method
+    shadowed on the instance, bound to the proxy itself, would read its live parameters
+    (TypeError).
+
+    Examples
+    --------
+    >>> import os, nibabel as nib
+    >>> from nibabel.testing import data_path
+    >>> proxy = nib.load(os.path.join(data_path, 'anatomical.nii')).dataobj
+    >>> copy = private_proxy(proxy)
+    >>> copy is not proxy and data_origin(copy) is proxy and data_origin(proxy) is proxy
+    True
+    >>> proxy_spec(copy) == proxy_spec(proxy)
+    True
+    """
+    state = dict(dataobj.__dict__)  # one read of every parameter
+    if state.get('_persist_opener', True):
+        raise ValueError('a proxy holding its file open cannot be copied privately')
+    for name, value in state.items():
+        if isinstance(value, np.ndarray) and not value.dtype.hasobject:
+            state[name] = value.copy()
+        elif name == _ORIGIN or (name == '_lock' and isinstance(value, _LOCKS)):
+            continue  # named, never read from (the origin) or read with (the lock)
+        elif not plain_value(value):
+            raise TypeError(f'attribute {name} of the proxy would be shared with it')
+    state[_ORIGIN] = state.get(_ORIGIN, dataobj)
+    copy = object.__new__(type(dataobj))
+    copy.__dict__.update(state)
+    return copy
+
+
+_LOCKS = (type(threading.Lock()), type(threading.RLock()))
+_PLAIN = (str, bytes, int, float, complex, type(None), np.dtype, np.generic, type, PurePath)
+
+
+def plain_value(value: Any) -> bool:
+    """True for a value nothing can change in place: a string, bytes, a number, None,
+    a dtype, a class, a pure path, or a tuple or frozenset of them.
+
+    >>> plain_value(('f4', 1.0, (2, 3))), plain_value([1]), plain_value(print)
+    (True, False, False)
+    """
+    if isinstance(value, (tuple, frozenset)):
+        return all(map(plain_value, value))
+    # a structured scalar (np.void) may be a view of an array: writable in place
+    return isinstance(value, _PLAIN) and not isinstance(value, np.void)
+
+
+def data_origin(dataobj: Any) -> Any:
+    """The data object ``dataobj`` is a :func:`private_proxy` of, else ``dataobj`` itself."""
+    return getattr(dataobj, '__dict__', _NO_STATE).get(_ORIGIN, dataobj)
+
+
+_NO_STATE: dict = {}
 
 
 def _bytes_or_none(value: Any) -> bytes | None:

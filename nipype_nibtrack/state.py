@@ -30,13 +30,17 @@ no state, and each question is answered in full every time.
 
 Answers live beside the image in a table keyed by the object itself (a weak reference,
 never the class's ``__eq__``/``__hash__``): a copy, a pickle, an equal image, or a new
-image that happens to get a freed image's ``id()`` starts with none. An answer is kept only
-when no other thread was running (it could edit the image and restore it meanwhile) and
-the state was the same before and after it was computed, and the image's own file
-only when it is handed out by a name the state reads. A store file handed out
-is checked again (a ``stat`` of each file of its entry, which must be the settled
-identities it had when looked up) and looked up in full at least every
-:data:`REFRESH_SECONDS`, which also refreshes its last use for :meth:`Store.gc`.
+image that happens to get a freed image's ``id()`` starts with none. An answer is
+computed on a private copy of the image (:mod:`.frozen`) and kept under the state read
+from that copy, so another thread editing and restoring the image meanwhile (A -> B ->
+A) cannot file B's answer under A; threads alive or not, the memo works the same. Only
+for images judged by the package's own rule: a rule a user registered is given the
+image itself, and its answers are not kept. An answer is kept only when the files'
+side was the same before and after, and the image's own file only when it is handed
+out by a name the state reads. A store file handed out is checked again (a ``stat`` of
+each file of its entry, which must be the settled identities it had when looked up) and
+looked up in full at least every :data:`REFRESH_SECONDS`, which also refreshes its last
+use for :meth:`Store.gc`.
 """
 
 from __future__ import annotations
@@ -50,10 +54,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .fileid import FileId, path_id
+from .frozen import freeze
+from .locks import renew_after_fork
 from .provenance import binding_of, file_paths, record_of, source_files
-from .recheck import files_unchanged, image_key, may_remember, read_files
+from .recheck import files_unchanged, image_key, read_files
 from .resolve import Resolution, check_image, normalise_formats, resolve
-from .rules import cleanliness_rule, is_dirty
+from .rules import cleanliness_rule, compares_with_file, is_dirty
 from .store import ENV_VAR, Store, chosen_store
 
 __all__ = [
@@ -185,6 +191,7 @@ class _Answer:
 _answers: dict[int, tuple[weakref.ref, dict]] = {}
 # reentrant: a weak reference's callback may run (garbage collection) while it is held
 _lock = threading.RLock()
+renew_after_fork(globals(), '_lock')
 _MISSING = object()
 
 
@@ -211,15 +218,6 @@ def _answers_of(img: Any, create: bool = False) -> dict | None:
     return answers
 
 
-def _reset_after_fork() -> None:
-    # a lock held by another thread at fork() stays held forever in the child
-    global _lock
-    _lock = threading.RLock()
-
-
-os.register_at_fork(after_in_child=_reset_after_fork)
-
-
 def _recall(img: Any, question: tuple) -> Any:
     with _lock:
         answer = (_answers_of(img) or {}).get(question)
@@ -231,20 +229,31 @@ def _recall(img: Any, question: tuple) -> Any:
 def _remember(
     img: Any,
     question: tuple,
-    compute: Callable[[], Any],
+    compute: Callable[[Any], Any],
     valid: Callable[[Any, ImageState], Callable[[], bool] | None] = (
         lambda value, state: lambda: True
     ),
 ) -> Any:
+    """``compute(img)``, remembered for ``img`` under ``question`` while its state holds.
+
+    Computed on a private copy of the image (see :mod:`.frozen`), whose state is the one
+    the answer is kept under: whatever another thread does to the image meanwhile (edit
+    it, restore it), the answer is the one for that state. The files' side is read
+    before and checked again after. An image with no state is answered in full, on
+    itself, and nothing is kept; so is an image judged by a rule a user registered.
+    """
     known = _recall(img, question)
     if known is not _MISSING:
         return known
-    # recalled from any thread (a recall checks the state), kept only when may_remember
-    alone = may_remember()
-    before = image_state(img) if alone else None
-    value = compute()
+    # a user's rule is given the image itself (it may look the object up): not kept
+    frozen = freeze(img) if compares_with_file(type(img)) else None
+    if frozen is None:
+        return compute(img)
+    copy = frozen.image
+    before = image_state(copy)
+    value = compute(copy)
     check = valid(value, before) if before is not None else None
-    if check is not None and before.holds(img):  # the same state before and after
+    if check is not None and before.holds(copy):  # the files unchanged since read
         with _lock:
             answers = _answers_of(img, create=True)
             if answers is not None:
@@ -264,7 +273,7 @@ def check_image_memoised(img: Any, formats: Iterable[str] | str | None = None) -
     >>> check_image_memoised(img, ['.nii'])
     """
     accepted = normalise_formats(formats)
-    _remember(img, ('check', accepted), lambda: check_image(img, accepted))
+    _remember(img, ('check', accepted), lambda subject: check_image(subject, accepted))
 
 
 def is_dirty_memoised(img: Any) -> bool:
@@ -277,7 +286,7 @@ def is_dirty_memoised(img: Any) -> bool:
     >>> is_dirty_memoised(nib.load(os.path.join(data_path, 'anatomical.nii')))
     False
     """
-    return _remember(img, ('dirty',), lambda: is_dirty(img))
+    return _remember(img, ('dirty',), is_dirty)
 
 
 def _store_marker(store: Store | None) -> tuple:
@@ -345,9 +354,13 @@ def resolve_memoised(
     if isinstance(value, (str, os.PathLike)):
         return resolve(value, formats=formats, store=store)
     accepted = normalise_formats(formats)
+    marker = _store_marker(store)
+    # the store the answer is kept under is the one written to, not one chosen meanwhile
+    # by another thread (a default store is looked up by resolve: clean images need none)
+    target = marker[1] if marker[0] != 'default' else None
     return _remember(
         value,
-        ('resolve', accepted, _store_marker(store)),
-        lambda: resolve(value, formats=accepted, store=store),
+        ('resolve', accepted, marker),
+        lambda subject: resolve(subject, formats=accepted, store=target),
         _entry_check,
     )

@@ -53,6 +53,7 @@ import xxhash
 
 from .digest import DIGEST_VERSION, _Memo
 from .fileid import FileId
+from .locks import renew_after_fork
 
 __all__ = [
     'ENV_VAR',
@@ -1074,6 +1075,7 @@ def _check_name(name: str) -> None:
 
 _store: Store | None = None
 _store_lock = threading.Lock()
+renew_after_fork(globals(), '_held_lock', '_store_lock')
 
 
 def get_store() -> Store:

@@ -8,11 +8,13 @@ file handed out (or a real nipype node) sees against what the image holds.
 import contextlib
 import gc
 import json
+import mmap
 import multiprocessing
 import os
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import nibabel as nib
@@ -24,6 +26,8 @@ from nipype.pipeline import engine as pe
 import nipype_nibtrack as nt
 from nipype_nibtrack import state
 from nipype_nibtrack.fileid import RACY_NS
+from nipype_nibtrack.provenance import record_of
+from nipype_nibtrack.recheck import still_clean
 from nipype_nibtrack.store import Store
 
 sys.path.insert(0, os.path.dirname(__file__))
@@ -208,6 +212,35 @@ def test_a_cleanliness_rule_registered_later_wins_over_remembered_answers(tmp_pa
         assert handed.reason == nt.resolve(img).reason == 'this class is never clean'
     finally:
         _unregister(LaterRuled)
+
+
+class UserJudged(nib.Nifti1Image):
+    """A class whose user rule looks the very object up in a table of its own."""
+
+
+def test_a_user_rule_looking_the_object_up_is_given_the_object_itself(tmp_path, store):
+    """Answers are computed on a private copy of the image; a user's rule keyed by the
+    object (here: a set of images the user declared edited) must still see the image,
+    not a copy it does not know: else the memo would remember 'clean' for it."""
+    path = write(tmp_path / 'x.nii', 3.0)
+    settle()
+    edited = weakref.WeakSet()
+    nt.cleanliness_rule.register(
+        UserJudged, lambda img, record: 'declared edited' if img in edited else None
+    )
+    try:
+        img = UserJudged.from_filename(path)
+        edited.add(img)
+        for _ in range(2):  # the second answers are the remembered ones, if any
+            assert nt.is_dirty(img) and nt.is_dirty_memoised(img)
+            handed = nt.resolve_memoised(img, formats=FORMATS)
+            assert handed.action in ('written', 'reused') and handed.reason == 'declared edited'
+            nt.check_image_memoised(img, FORMATS)
+        edited.discard(img)
+        assert not nt.is_dirty_memoised(img)
+        assert nt.resolve_memoised(img, formats=FORMATS).path == path
+    finally:
+        _unregister(UserJudged)
 
 
 def _unregister(klass) -> None:
@@ -424,3 +457,295 @@ def test_a_clean_verdict_checked_while_another_thread_edits_and_restores_is_not_
         assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path
         img.header['descrip'] = b''
         assert not nt.is_dirty(img)
+
+
+# ------------------------------------------- memos kept whatever threads are alive
+
+
+_opened: list[str] | None = None  # the paths os.open/open opened while counting
+
+
+def _count_opens(event: str, args: tuple) -> None:
+    if event == 'open' and _opened is not None and isinstance(args[0], str):
+        _opened.append(args[0])
+
+
+sys.addaudithook(_count_opens)  # audit hooks cannot be removed: it counts only when asked
+
+
+@contextlib.contextmanager
+def _opens_of(path: str):
+    """The number of times ``path`` is opened in the block (CPython's 'open' audit
+    event, raised by ``open`` and ``os.open`` alike: no mock)."""
+    global _opened
+    _opened, count = [], []
+    try:
+        yield count
+    finally:
+        count.append(sum(1 for name in _opened if name == path))
+        _opened = None
+
+
+@contextlib.contextmanager
+def _idle_thread():
+    stop = threading.Event()
+    thread = threading.Thread(target=stop.wait)
+    thread.start()
+    try:
+        assert threading.active_count() > 1
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+@pytest.mark.parametrize('ext', FORMATS)
+def test_answers_are_remembered_with_an_idle_thread_alive(tmp_path, store, ext):
+    """A MultiProc parent or a Jupyter kernel has other threads: the memos still work.
+
+    A remembered answer costs one open of the file (its identity and header bytes, read
+    again); a full check opens it several times (the reference's header, the files' side
+    read before and after)."""
+    path = write(tmp_path / f'x{ext}', 3.0)
+    settle()
+    with _idle_thread():
+        img = nib.load(path)
+        with _opens_of(path) as full:
+            assert nt.as_filename(img, formats=FORMATS) == path
+        assert record_of(img).verdict is not None  # the clean verdict is kept
+        with _opens_of(path) as again:
+            assert nt.as_filename(img, formats=FORMATS) == path
+        assert full[0] > 1 and again == [1]
+
+        first = nt.resolve_memoised(img, formats=FORMATS)
+        assert nt.is_dirty_memoised(img) is False
+        with _opens_of(path) as recalled:
+            assert nt.resolve_memoised(img, formats=FORMATS) is first
+            assert nt.is_dirty_memoised(img) is nt.is_dirty_memoised(img) is False
+        assert recalled == [3]  # one each: a recall re-reads the files' side only
+
+        img.header['descrip'] = b'edited'  # dirty: the store file is remembered too
+        written = nt.resolve_memoised(img, formats=FORMATS)
+        settle()
+        written = nt.resolve_memoised(img, formats=FORMATS)
+        assert written.action in ('written', 'reused') and written.path != path
+        assert nt.resolve_memoised(img, formats=FORMATS) is written
+
+
+# ---------------------------------- any edits by another thread, interleaved with checks
+
+
+def _descrip(img, on: bool) -> None:
+    img.header['descrip'] = b'edited' if on else b''
+
+
+def _shift(img, on: bool) -> None:
+    img.affine[0, 3] = 1.0 if on else 0.0  # in place: the same array object
+
+
+def _extension(img, on: bool) -> None:
+    exts = img.header.extensions
+    if on and not exts:
+        exts.append(nib.nifti1.Nifti1Extension(6, b'a comment'))
+    elif not on and exts:
+        exts.clear()
+
+
+TOGGLES = (_descrip, _shift, _extension)  # all off: the file's own state
+
+
+def _put(img, edits: tuple[bool, ...]) -> None:
+    for toggle, on in zip(TOGGLES, edits, strict=True):
+        toggle(img, on)
+
+
+@pytest.fixture(scope='module')
+def settled_file(tmp_path_factory) -> str:
+    folder = Path(os.path.realpath(tmp_path_factory.mktemp('threads')))
+    data = np.random.default_rng(0).random((12, 12, 12)).astype('f4')
+    nib.save(nib.Nifti1Image(data, np.diag([2.0, 2, 2, 1])), folder / 'x.nii')
+    settle()
+    return str(folder / 'x.nii')
+
+
+STATES = [tuple(bool(n >> i & 1) for i in range(len(TOGGLES))) for n in range(8)]
+
+
+def _remembered_answers_hold(img, path: str, store: Store) -> None:
+    """Every answer remembered for ``img``, in each of the 8 states, is right; looked at
+    without computing (a computed answer would replace a remembered one)."""
+    resolved = ('resolve', None, state._store_marker(store))
+    for edits in STATES:
+        _put(img, edits)
+        edited = any(edits)
+        verdict = record_of(img).verdict
+        if verdict is not None and still_clean(img, verdict) is not None:
+            assert not edited, f'a clean verdict is remembered for the edited state {edits}'
+        dirty = state._recall(img, ('dirty',))
+        assert dirty is state._MISSING or dirty is edited, edits
+        handed = state._recall(img, resolved)
+        if handed is not state._MISSING:
+            assert (handed.path == path) is (not edited), edits
+            assert _content(nib.load(handed.path)) == _content(img), edits
+
+
+@settings(
+    max_examples=10,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    st.lists(st.sampled_from(STATES), min_size=1, max_size=6),
+    st.lists(
+        st.sampled_from(['as_filename', 'is_dirty', 'memoised', 'dirty memoised']),
+        min_size=1,
+        max_size=4,
+    ),
+    st.sampled_from([0.0, 1e-5, 1e-4]),
+)
+def test_edits_by_another_thread_never_leave_a_wrong_answer_remembered(
+    settled_file, tmp_path_factory, walk, calls, pause
+):
+    """Another thread walks the image through ``walk`` (every state one of the 8
+    combinations of an edited descrip, a shifted affine, an added extension), over and
+    over, while this one asks ``calls``. Then, quiet, no answer remembered for any state
+    may differ from the truth: clean exactly for the file's own state, and a file handed
+    out holds what the image holds. Three rounds; and last, every state is asked through
+    the public functions (twice: the second answer is the remembered one)."""
+    store = Store(tmp_path_factory.getbasetemp() / 'threads-store')
+    img = nib.load(settled_file)
+    for _ in range(3):
+        _ask_while_walked(img, walk, calls, pause, store)
+        _remembered_answers_hold(img, settled_file, store)
+    for edits in [*STATES, *reversed(STATES)]:
+        _put(img, edits)
+        edited = any(edits)
+        assert nt.is_dirty(img) is nt.is_dirty_memoised(img) is edited, edits
+        for handed in (
+            nt.resolve(img, store=store),
+            nt.resolve_memoised(img, store=store),
+            nt.resolve_memoised(img, store=store),
+        ):
+            assert (handed.path == settled_file) is (not edited), edits
+            assert _content(nib.load(handed.path)) == _content(img), edits
+
+
+def _ask_while_walked(img, walk, calls, pause: float, store: Store) -> None:
+    stop = threading.Event()
+
+    def walker() -> None:
+        while not stop.is_set():
+            for edits in walk:
+                _put(img, edits)
+                time.sleep(pause)
+
+    thread = threading.Thread(target=walker)
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    thread.start()
+    try:
+        end = time.monotonic() + 0.1
+        while time.monotonic() < end:
+            for call in calls:
+                with contextlib.suppress(nt.ImageReadError, ValueError, TypeError, KeyError):
+                    if call == 'as_filename':
+                        nt.as_filename(img, store=store)
+                    elif call == 'is_dirty':
+                        nt.is_dirty(img)
+                    elif call == 'memoised':
+                        nt.resolve_memoised(img, store=store)
+                    else:
+                        nt.is_dirty_memoised(img)
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
+def _content(img) -> tuple:
+    """What a tool reads: descrip, affine, extensions and voxels."""
+    return (
+        img.header['descrip'].item(),
+        np.asarray(img.affine).tobytes(),
+        [(ext.code, ext.content) for ext in img.header.extensions],
+        np.asarray(img.dataobj).tobytes(),
+    )
+
+
+def test_a_proxy_changed_and_restored_by_another_thread_keeps_its_digest(settled_file):
+    """The digest memo is keyed by the proxy's read parameters and its file's identity:
+    a reading made with the parameters another thread set for a moment (here the
+    scaling) was filed under the parameters read before and after."""
+    img = nib.load(settled_file)
+    proxy = img.dataobj
+    digests = sys.modules['nipype_nibtrack.digest']
+    stop = threading.Event()
+
+    def flip() -> None:
+        while not stop.is_set():
+            proxy._slope = 2.0
+            time.sleep(0)  # let the reader run with it
+            proxy._slope = 1.0
+            time.sleep(0)
+
+    for _ in range(3):
+        digests._proxy_digests._data.clear()  # read again, while the scaling flips
+        thread = threading.Thread(target=flip)
+        interval = sys.getswitchinterval()
+        sys.setswitchinterval(1e-6)
+        thread.start()
+        try:
+            end = time.monotonic() + 0.2
+            while time.monotonic() < end:
+                digests.data_digest(proxy, None, 'F')
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(interval)
+            stop.clear()
+        for slope in (1.0, 2.0):
+            proxy._slope = slope
+            want = digests.array_digest(np.asanyarray(proxy), 'F')
+            assert digests.data_digest(proxy, None, 'F') == want, slope
+        proxy._slope = 1.0
+
+
+def test_a_header_rewritten_in_place_and_back_while_checked_is_not_remembered(tmp_path):
+    """Another thread (or process) rewrites the file's descrip through a shared memory
+    map and back, over and over: after the first write no timestamp moves. A reference
+    read while the file said B, keyed by header bytes read while it said A, made an
+    image edited to B clean against a file saying A (so did a verdict whose files' side
+    was read at A around a reference read at B)."""
+    path = str(tmp_path / 'x.nii')
+    nib.save(nib.Nifti1Image(np.zeros((8, 8, 8), 'f4'), np.eye(4)), path)
+    settle()
+    img = nib.load(path)
+    img.header['descrip'] = b'B'
+    at = 148  # descrip's place in a NIfTI-1 header
+    with open(path, 'r+b') as fobj, mmap.mmap(fobj.fileno(), 0) as shared:
+        assert shared[at : at + 1] == b'\0'
+        for _ in range(4):
+            stop = threading.Event()
+
+            def flip(stop: threading.Event = stop) -> None:
+                while not stop.is_set():
+                    shared[at : at + 1] = b'B'
+                    time.sleep(0)  # let the checker run with it
+                    shared[at : at + 1] = b'\0'
+                    time.sleep(0)
+
+            thread = threading.Thread(target=flip)
+            interval = sys.getswitchinterval()
+            sys.setswitchinterval(1e-6)
+            thread.start()
+            try:
+                end = time.monotonic() + 0.75
+                while time.monotonic() < end:
+                    nt.is_dirty(img)
+            finally:
+                stop.set()
+                thread.join()
+                sys.setswitchinterval(interval)
+            assert shared[at : at + 1] == b'\0'  # the file says A: the image (B) is dirty
+            assert nt.is_dirty(img)
+            assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path

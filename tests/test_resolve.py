@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import os
 from pathlib import Path
@@ -128,6 +129,30 @@ def test_any_cut_into_the_voxels_is_never_handed_out(ext, dtype, shape, keep, tm
     assert nt.is_dirty(img)
     with pytest.raises(nt.ImageReadError, match=f'{size} bytes, its header needs {need}'):
         nt.resolve(img, store=store)
+    assert store_files(store) == []
+
+
+@pytest.mark.parametrize('layout', ['members', 'trailing bytes'])
+def test_a_whole_gzip_file_whose_trailer_tells_another_size_is_clean(layout, tmp_path, store):
+    """A gzip trailer gives only its last member's size (bgzip and pigz --independent write
+    many members; a file may go on after its voxels): such a file, whole, is clean and is
+    handed out; cut into its voxels, it is not."""
+    raw = _settled_image_file(tmp_path, '.nii').read_bytes()
+    path = tmp_path / 'img.nii.gz'
+    if layout == 'members':
+        members = (gzip.compress(raw[i : i + 1000]) for i in range(0, len(raw), 1000))
+        path.write_bytes(b''.join(members))
+    else:
+        path.write_bytes(gzip.compress(raw + bytes(4096)))
+    img = nt.load(path)
+    assert not nt.is_dirty(img)
+    assert nt.resolve(img).path == str(path)
+    if layout == 'members':
+        path.write_bytes(path.read_bytes()[:-3000])  # the voxels' last members cut
+        img = nt.load(path)
+        assert 'truncated' in nt.dirty_reason(img)
+        with pytest.raises(nt.ImageReadError, match='truncated'):
+            nt.resolve(img)
     assert store_files(store) == []
 
 

@@ -30,7 +30,7 @@ from nipype.interfaces.base.traits_extension import File
 from traits.api import BaseTuple, CTrait, Dict, List, Union
 from traits.trait_handlers import TraitCompound
 
-from .. import normalise_formats
+from .. import normalise_formats, renew_after_fork
 from .mirror import mirror_name
 from .resolving import resolve_image
 from .traits import ImageFile, contains_image, copying, iter_images, map_images
@@ -454,6 +454,7 @@ def _cmdline(self: Any) -> str:
 
 _made: dict[type, type] = {}
 _made_lock = threading.RLock()
+renew_after_fork(globals(), '_made_lock')
 
 
 def _output_names(interface_class: type) -> set[str]:

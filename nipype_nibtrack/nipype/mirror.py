@@ -26,6 +26,8 @@ import threading
 import types
 from typing import Any
 
+from .. import renew_after_fork
+
 __all__ = ['install', 'mirror_name', 'original_name']
 
 _NIPYPE = 'nipype.interfaces'
@@ -74,6 +76,7 @@ def _mirrored(value: Any) -> Any:
 
 
 _lock = threading.RLock()
+renew_after_fork(globals(), '_lock')
 
 
 def _public(module: types.ModuleType) -> list[str]:

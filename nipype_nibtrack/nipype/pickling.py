@@ -34,7 +34,7 @@ from nipype.interfaces.base.specs import BaseTraitedSpec
 from nipype.interfaces.base.support import InterfaceResult
 from nipype.utils import filemanip
 
-from .. import as_filename, chosen_store, set_store
+from .. import as_filename, chosen_store, renew_after_fork, set_store
 from .. import load_reference as core_load_reference
 from .traits import contains_image, is_image, map_images
 
@@ -156,6 +156,7 @@ _pickle_for_nipype.dumps = _dumps
 #: Root of the store this process adopted from a pickle (None: it adopted none)
 _adopted: str | None = None
 _adopt_lock = threading.Lock()
+renew_after_fork(globals(), '_adopt_lock')
 
 
 def settings() -> dict[str, str]:
