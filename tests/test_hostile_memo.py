@@ -630,20 +630,35 @@ def test_edits_by_another_thread_never_leave_a_wrong_answer_remembered(
             assert _content(nib.load(handed.path)) == _content(img), edits
 
 
-def _ask_while_walked(img, walk, calls, pause: float, store: Store) -> None:
+@contextlib.contextmanager
+def _racing(step):
+    """Another thread calls ``step()`` over and over until the block ends, threads
+    switching as often as the interpreter can."""
     stop = threading.Event()
 
-    def walker() -> None:
+    def run() -> None:
         while not stop.is_set():
-            for edits in walk:
-                _put(img, edits)
-                time.sleep(pause)
+            step()
 
-    thread = threading.Thread(target=walker)
+    thread = threading.Thread(target=run)
     interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter can
+    sys.setswitchinterval(1e-6)
     thread.start()
     try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+        sys.setswitchinterval(interval)
+
+
+def _ask_while_walked(img, walk, calls, pause: float, store: Store) -> None:
+    def walker() -> None:
+        for edits in walk:
+            _put(img, edits)
+            time.sleep(pause)
+
+    with _racing(walker):
         end = time.monotonic() + 0.1
         while time.monotonic() < end:
             for call in calls:
@@ -656,10 +671,6 @@ def _ask_while_walked(img, walk, calls, pause: float, store: Store) -> None:
                         nt.resolve_memoised(img, store=store)
                     else:
                         nt.is_dirty_memoised(img)
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(interval)
 
 
 def _content(img) -> tuple:
@@ -679,30 +690,19 @@ def test_a_proxy_changed_and_restored_by_another_thread_keeps_its_digest(settled
     img = nib.load(settled_file)
     proxy = img.dataobj
     digests = sys.modules['nipype_nibtrack.digest']
-    stop = threading.Event()
 
     def flip() -> None:
-        while not stop.is_set():
-            proxy._slope = 2.0
-            time.sleep(0)  # let the reader run with it
-            proxy._slope = 1.0
-            time.sleep(0)
+        proxy._slope = 2.0
+        time.sleep(0)  # let the reader run with it
+        proxy._slope = 1.0
+        time.sleep(0)
 
     for _ in range(3):
         digests._proxy_digests._data.clear()  # read again, while the scaling flips
-        thread = threading.Thread(target=flip)
-        interval = sys.getswitchinterval()
-        sys.setswitchinterval(1e-6)
-        thread.start()
-        try:
+        with _racing(flip):
             end = time.monotonic() + 0.2
             while time.monotonic() < end:
                 digests.data_digest(proxy, None, 'F')
-        finally:
-            stop.set()
-            thread.join()
-            sys.setswitchinterval(interval)
-            stop.clear()
         for slope in (1.0, 2.0):
             proxy._slope = slope
             want = digests.array_digest(np.asanyarray(proxy), 'F')
@@ -724,28 +724,18 @@ def test_a_header_rewritten_in_place_and_back_while_checked_is_not_remembered(tm
     at = 148  # descrip's place in a NIfTI-1 header
     with open(path, 'r+b') as fobj, mmap.mmap(fobj.fileno(), 0) as shared:
         assert shared[at : at + 1] == b'\0'
+
+        def flip() -> None:
+            shared[at : at + 1] = b'B'
+            time.sleep(0)  # let the checker run with it
+            shared[at : at + 1] = b'\0'
+            time.sleep(0)
+
         for _ in range(4):
-            stop = threading.Event()
-
-            def flip(stop: threading.Event = stop) -> None:
-                while not stop.is_set():
-                    shared[at : at + 1] = b'B'
-                    time.sleep(0)  # let the checker run with it
-                    shared[at : at + 1] = b'\0'
-                    time.sleep(0)
-
-            thread = threading.Thread(target=flip)
-            interval = sys.getswitchinterval()
-            sys.setswitchinterval(1e-6)
-            thread.start()
-            try:
+            with _racing(flip):
                 end = time.monotonic() + 0.75
                 while time.monotonic() < end:
                     nt.is_dirty(img)
-            finally:
-                stop.set()
-                thread.join()
-                sys.setswitchinterval(interval)
             assert shared[at : at + 1] == b'\0'  # the file says A: the image (B) is dirty
             assert nt.is_dirty(img)
             assert nt.resolve(img, store=Store(tmp_path / 'store')).path != path
