@@ -25,23 +25,22 @@ def renew_after_fork(namespace: dict[str, Any], *names: str) -> None:
 
     Examples
     --------
-    >>> import os, threading
-    >>> space = {'_lock': threading.Lock()}
-    >>> renew_after_fork(space, '_lock')
-    >>> held = space['_lock']
-    >>> held.acquire()
-    True
-    >>> pid = os.fork()
-    >>> if pid == 0:  # the child: a fresh lock, free
-    ...     os._exit(0 if space['_lock'] is not held and space['_lock'].acquire(False) else 1)
-    >>> os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
-    0
-    >>> held.release()
+    Call it once per module, after the locks are made::
+
+        _lock = threading.Lock()
+        renew_after_fork(globals(), '_lock')
+
+    Only locks can be renewed (``tests/test_locks.py`` forks with every one held):
+
+    >>> renew_after_fork({'_cache': {}}, '_cache')
+    Traceback (most recent call last):
+    ...
+    TypeError: _cache is not a threading.Lock or RLock
     """
     for name in names:
         if type(namespace[name]) not in _KINDS:
             raise TypeError(f'{name} is not a threading.Lock or RLock')
-        _renewed.append((namespace, name))
+    _renewed.extend((namespace, name) for name in names)
 
 
 def _renew() -> None:

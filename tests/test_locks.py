@@ -32,7 +32,7 @@ def _package_locks() -> dict[tuple[str, str], object]:
 def test_every_module_lock_is_renewed_after_fork():
     """A module lock not listed with renew_after_fork would hang a forked child whenever
     another thread held it at fork(): every one is listed."""
-    listed = {(namespace['__name__'], name) for namespace, name in locks._renewed}
+    listed = {(namespace.get('__name__'), name) for namespace, name in locks._renewed}
     found = set(_package_locks())
     assert found, 'no lock found: the walk is broken'
     assert found <= listed, f'not renewed after fork: {sorted(found - listed)}'
