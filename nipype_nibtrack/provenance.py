@@ -22,12 +22,12 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import xxhash
-from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.imageclasses import all_image_classes
 from nibabel.openers import ImageOpener
+from nibabel.parrec import PARRECArrayProxy
 
 from .fileid import (
     FileId,
@@ -356,9 +356,11 @@ def truncation(img: Any) -> str | None:
     A file cut after its header (``os.truncate``, a copy that ran out of space) still
     loads: nibabel reads voxels only when asked, and the header still matches. A tool
     given the file fails. The identity of the file holds its size: one ``stat`` tells a
-    plain file's; a gzip file says in its last four bytes how many bytes it inflates to
-    (NIfTI/Analyze files, which hold exactly the header and the voxels, are checked). None
-    when nothing is known to be missing (no proxy read by name, another compression).
+    plain file's (the descriptor a PAR/REC proxy holds: the file it reads); a gzip file
+    says in its last four bytes how many bytes it inflates to, and when that is not what
+    the header needs (bgzip's many members, bytes after the voxels) the stream itself is
+    inflated, once per file identity. None when nothing is known to be missing (no file
+    read, another compression).
 
     Examples
     --------
@@ -371,22 +373,20 @@ def truncation(img: Any) -> str | None:
     >>> print(truncation(nib.load(path)))  # doctest: +ELLIPSIS
     /.../anatomical.nii is truncated: 1000 bytes, its header needs ... bytes of voxels)
     """
-    dataobj = getattr(img, 'dataobj', None)
-    name = getattr(dataobj, 'file_like', None)
-    if not isinstance(dataobj, ArrayProxy) or not isinstance(name, (str, os.PathLike)):
+    voxel_file = _voxel_file(getattr(img, 'dataobj', None))
+    if voxel_file is None:
         return None
+    name, offset, voxels, held = voxel_file
     path = absolute(name)
-    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
-    offset = int(dataobj.offset)
     need = offset + voxels
     try:
-        st = os.stat(path)
-    except OSError:  # missing, or cannot be reached: said by the checks that stat it
+        st = os.stat(path) if held is None else os.fstat(held)
+    except (OSError, ValueError):  # missing, unreachable, closed: said by other checks
         return None
     if not stat.S_ISREG(st.st_mode):
         return None  # said by not_regular
     if path.lower().endswith('.gz'):
-        size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
+        size = _inflated_size(path)
         if size is None or size == need % (1 << 32):
             return None
         # the trailer is only the last member's size (bgzip writes many members), modulo
@@ -405,6 +405,39 @@ def truncation(img: Any) -> str | None:
         f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({offset} + '
         f'{voxels} bytes of voxels)'
     )
+
+
+@functools.singledispatch
+def _voxel_file(dataobj: Any) -> tuple[Any, int, int, int | None] | None:
+    """The file ``dataobj`` reads its voxels from: its name, the offset and the number of
+    bytes of voxels there, and the descriptor it reads through when it holds one (else
+    None: it opens the name). None for anything that reads no file by its header's
+    sizes (an array, MINC's HDF5 handle)."""
+    return None
+
+
+@_voxel_file.register
+def _(dataobj: ArrayProxy) -> tuple[Any, int, int, int | None] | None:
+    name = dataobj.file_like
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
+    return name, int(dataobj.offset), voxels, None
+
+
+@_voxel_file.register
+def _(dataobj: PARRECArrayProxy) -> tuple[Any, int, int, int | None] | None:
+    # reads the whole .REC (every slice, in the file's order) through the opener it holds
+    opener = dataobj.file_like
+    name = getattr(opener, 'name', None)
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    try:
+        held = None if os.fspath(name).lower().endswith(_COMPRESSED) else opener.fileno()
+    except (OSError, ValueError, AttributeError):  # closed, or no descriptor
+        held = None
+    voxels = math.prod(int(n) for n in dataobj._rec_shape) * dataobj.dtype.itemsize
+    return name, 0, voxels, held
 
 
 def _inflated_size(path: str) -> int | None:
