@@ -26,6 +26,7 @@ from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.imageclasses import all_image_classes
+from nibabel.minc1 import MincImageArrayProxy
 from nibabel.openers import ImageOpener
 from nibabel.parrec import PARRECArrayProxy
 
@@ -376,9 +377,8 @@ def truncation(img: Any) -> str | None:
     voxel_file = _voxel_file(getattr(img, 'dataobj', None))
     if voxel_file is None:
         return None
-    name, offset, voxels, held = voxel_file
+    name, need, what, held = voxel_file
     path = absolute(name)
-    need = offset + voxels
     try:
         st = os.stat(path) if held is None else os.fstat(held)
     except (OSError, ValueError):  # missing, unreachable, closed: said by other checks
@@ -397,23 +397,24 @@ def truncation(img: Any) -> str | None:
             return None
         return (
             f'{path} is truncated or damaged: it inflates to {size} bytes, its header '
-            f'needs {need} ({offset} + {voxels} bytes of voxels)'
+            f'needs {need} ({what})'
         )
     if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
         return None  # a compressed file's size says nothing of what it inflates to
-    return (
-        f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({offset} + '
-        f'{voxels} bytes of voxels)'
-    )
+    return f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({what})'
 
 
 @functools.singledispatch
-def _voxel_file(dataobj: Any) -> tuple[Any, int, int, int | None] | None:
-    """The file ``dataobj`` reads its voxels from: its name, the offset and the number of
-    bytes of voxels there, and the descriptor it reads through when it holds one (else
-    None: it opens the name). None for anything that reads no file by its header's
-    sizes (an array, MINC's HDF5 handle)."""
+def _voxel_file(dataobj: Any) -> tuple[Any, int, str, int | None] | None:
+    """The file ``dataobj`` reads its voxels from: its name, how many bytes it must hold
+    and why, and the descriptor it reads through when it holds one (else None: it opens
+    the name). None for anything that reads no file (an array) or no known length."""
     return None
+
+
+def _voxel_bytes(offset: int, shape: Any, dtype: np.dtype) -> tuple[int, str]:
+    voxels = math.prod(int(n) for n in shape) * dtype.itemsize
+    return offset + voxels, f'{offset} + {voxels} bytes of voxels'
 
 
 @_voxel_file.register
@@ -421,8 +422,7 @@ def _(dataobj: ArrayProxy) -> tuple[Any, int, int, int | None] | None:
     name = dataobj.file_like
     if not isinstance(name, (str, os.PathLike)):
         return None
-    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
-    return name, int(dataobj.offset), voxels, None
+    return name, *_voxel_bytes(int(dataobj.offset), dataobj.shape, dataobj.dtype), None
 
 
 @_voxel_file.register
@@ -436,8 +436,63 @@ def _(dataobj: PARRECArrayProxy) -> tuple[Any, int, int, int | None] | None:
         held = None if os.fspath(name).lower().endswith(_COMPRESSED) else opener.fileno()
     except (OSError, ValueError, AttributeError):  # closed, or no descriptor
         held = None
-    voxels = math.prod(int(n) for n in dataobj._rec_shape) * dataobj.dtype.itemsize
-    return name, 0, voxels, held
+    return name, *_voxel_bytes(0, dataobj._rec_shape, dataobj.dtype), held
+
+
+@_voxel_file.register
+def _(dataobj: MincImageArrayProxy) -> tuple[Any, int, str, int | None] | None:
+    # MINC2: HDF5 reads the file through the handle it holds; its superblock records
+    # where the file ends (HDF5 refuses to open a shorter file, but not to read one)
+    hdf5 = dataobj.minc_file._mincfile
+    try:
+        fd = hdf5.id.get_vfd_handle()
+        end = _hdf5_end(fd)
+    except (AttributeError, OSError, ValueError, RuntimeError):  # MINC1, closed
+        return None
+    if end is None:
+        return None
+    name = getattr(hdf5, 'filename', None)
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    return name, end, 'the end of file its HDF5 superblock records', fd
+
+
+_HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
+
+
+def _hdf5_end(fd: int) -> int | None:
+    """The end-of-file address the HDF5 superblock of the file open at ``fd`` records
+    (the bytes the file must hold, as HDF5's own open checks), or None.
+
+    The superblock is at 0, or after a user block of 512, 1024, 2048... bytes; versions
+    0 and 1 keep the address as their third one after 24 (28) bytes, 2 and 3 after 12.
+
+    Examples
+    --------
+    >>> import os
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'small.mnc')
+    >>> fd = os.open(path, os.O_RDONLY)
+    >>> _hdf5_end(fd) == os.path.getsize(path)
+    True
+    >>> os.close(fd)
+    """
+    size, at = os.fstat(fd).st_size, 0
+    while (head := os.pread(fd, 64, at))[:8] != _HDF5_SIGNATURE:
+        at = at * 2 or 512
+        if at >= size:
+            return None
+    version = head[8]
+    if version in (0, 1):
+        width, first = head[13], 24 + 4 * version
+    elif version in (2, 3):
+        width, first = head[9], 12
+    else:
+        return None
+    field = head[first + 2 * width : first + 3 * width]
+    if width not in (2, 4, 8) or len(field) != width or field == b'\xff' * width:
+        return None
+    return int.from_bytes(field, 'little')
 
 
 def _inflated_size(path: str) -> int | None:
