@@ -141,3 +141,43 @@ def test_untouched_voxel_files_stay_clean(tmp_path: Path, name: str):
             f.write(b'\x01' * 64)
         img = nt.load(case.path)
         assert not nt.is_dirty(img), nt.dirty_reason(img)
+
+
+def _crlf_copy(tmp_path: Path, name: str) -> Path:
+    """The format's files with the text header's line endings turned into CRLF."""
+    case = build_format(name, tmp_path)
+    header = next(p for p in case.files if p.suffix in ('.PAR', '.HEAD'))
+    header.write_bytes(header.read_bytes().replace(b'\n', b'\r\n'))
+    return case.path
+
+
+@pytest.mark.parametrize('name', ['parrec', 'afni_scaled'])
+def test_text_headers_with_crlf_lines_read_as_nibabel_reads_them(tmp_path: Path, name: str):
+    # the core reads PAR/HEAD headers as text from its own descriptor: universal
+    # newlines, as nibabel's open(name, 'rt'); the verdict and digest are nibabel's
+    path = _crlf_copy(tmp_path, name)
+    img = nt.load(path)
+    assert not nt.is_dirty(img), nt.dirty_reason(img)
+    assert nt.resolve(img).action == 'original'
+    assert nt.image_digest(img) == nt.image_digest(nib.load(path))
+
+
+_C_LOCALE_CHECK = """
+import sys, nipype_nibtrack as nt
+img = nt.load(sys.argv[1])
+print(nt.is_dirty(img), nt.resolve(img).action)
+"""
+
+
+@pytest.mark.parametrize('name', ['parrec', 'afni_scaled'])
+def test_text_headers_in_the_c_locale(tmp_path: Path, name: str):
+    # the locale's encoding is ASCII (no UTF-8 mode, no coercion): the core's text
+    # reads use the same encoding as nibabel's open(name, 'rt')
+    path = _crlf_copy(tmp_path, name)
+    env = dict(os.environ, LC_ALL='C', PYTHONUTF8='0', PYTHONCOERCECLOCALE='0')
+    env['NIBTRACK_STORE'] = str(tmp_path / 'store')
+    run = subprocess.run(
+        [sys.executable, '-c', _C_LOCALE_CHECK, str(path)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split() == ['False', 'original']
