@@ -8,6 +8,7 @@ note: the user declares what corresponds to the file.
 
 from __future__ import annotations
 
+import bz2
 import copyreg
 import functools
 import math
@@ -385,12 +386,13 @@ def truncation(img: Any) -> str | None:
         return None
     if not stat.S_ISREG(st.st_mode):
         return None  # said by not_regular
-    if path.lower().endswith('.gz'):
-        size = _inflated_size(path)
-        if size is None or size == need % (1 << 32):
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _STREAMS:
+        if ext == '.gz' and _inflated_size(path) in (None, need % (1 << 32)):
             return None
-        # the trailer is only the last member's size (bgzip writes many members), modulo
-        # 2**32: the stream itself decides, inflated once per file identity
+        # gzip's trailer is only the last member's size (bgzip writes many members),
+        # modulo 2**32; bzip2 tells none: the stream itself decides, inflated once per
+        # file identity
         ident = path_id(path)
         size = _stream_length(path, ident) if ident and ident.settled() else _inflate(path)
         if size is None or size >= need:
@@ -516,26 +518,34 @@ def _stream_length(path: str, ident: FileId) -> int | None:
     return _inflate(path)
 
 
+#: The decompressors of the compressed files whose length truncation checks, by
+#: extension: each stream's end leaves what follows in ``unused_data`` (the next member)
+_STREAMS: dict[str, Any] = {
+    '.gz': lambda: zlib.decompressobj(wbits=31),
+    '.bz2': bz2.BZ2Decompressor,
+}
+
+
 def _inflate(path: str) -> int | None:
-    """How many bytes the gzip file ``path`` inflates to, every member counted, up to
-    where it stops being readable; None when it cannot be opened."""
+    """How many bytes the gzip or bzip2 file ``path`` inflates to, every member counted,
+    up to where it stops being readable; None when it cannot be opened."""
     try:
         fd = open_regular(path)
     except OSError:
         return None
-    total, inflater = 0, zlib.decompressobj(wbits=31)
+    fresh = _STREAMS[os.path.splitext(path)[1].lower()]
+    total, inflater = 0, fresh()
     with os.fdopen(fd, 'rb') as fobj:
         while chunk := fobj.read(1 << 20):
             while chunk:
                 try:
                     total += len(inflater.decompress(chunk))
-                except zlib.error:
+                except (zlib.error, OSError, EOFError):
                     return total  # damaged here: what inflated before is all there is
+                if not inflater.eof:
+                    break
                 chunk = inflater.unused_data
-                if inflater.eof:
-                    inflater = zlib.decompressobj(wbits=31)  # the next member
-                else:
-                    chunk = b''
+                inflater = fresh()  # the next member
     return total
 
 
