@@ -8,6 +8,7 @@ note: the user declares what corresponds to the file.
 
 from __future__ import annotations
 
+import bz2
 import copyreg
 import functools
 import math
@@ -22,12 +23,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 import xxhash
-from nibabel.analyze import AnalyzeImage
 from nibabel.arrayproxy import ArrayProxy
 from nibabel.filebasedimages import FileBasedImage
 from nibabel.filename_parser import splitext_addext
 from nibabel.imageclasses import all_image_classes
+from nibabel.minc1 import MincImageArrayProxy
 from nibabel.openers import ImageOpener
+from nibabel.parrec import PARRECArrayProxy
 
 from .fileid import (
     FileId,
@@ -356,9 +358,11 @@ def truncation(img: Any) -> str | None:
     A file cut after its header (``os.truncate``, a copy that ran out of space) still
     loads: nibabel reads voxels only when asked, and the header still matches. A tool
     given the file fails. The identity of the file holds its size: one ``stat`` tells a
-    plain file's; a gzip file says in its last four bytes how many bytes it inflates to
-    (NIfTI/Analyze files, which hold exactly the header and the voxels, are checked). None
-    when nothing is known to be missing (no proxy read by name, another compression).
+    plain file's (the descriptor a PAR/REC proxy holds: the file it reads); a gzip file
+    says in its last four bytes how many bytes it inflates to, and when that is not what
+    the header needs (bgzip's many members, bytes after the voxels) the stream itself is
+    inflated, once per file identity. None when nothing is known to be missing (no file
+    read, another compression).
 
     Examples
     --------
@@ -371,40 +375,126 @@ def truncation(img: Any) -> str | None:
     >>> print(truncation(nib.load(path)))  # doctest: +ELLIPSIS
     /.../anatomical.nii is truncated: 1000 bytes, its header needs ... bytes of voxels)
     """
-    dataobj = getattr(img, 'dataobj', None)
-    name = getattr(dataobj, 'file_like', None)
-    if not isinstance(dataobj, ArrayProxy) or not isinstance(name, (str, os.PathLike)):
+    voxel_file = _voxel_file(getattr(img, 'dataobj', None))
+    if voxel_file is None:
         return None
+    name, need, what, held = voxel_file
     path = absolute(name)
-    voxels = math.prod(int(n) for n in dataobj.shape) * dataobj.dtype.itemsize
-    offset = int(dataobj.offset)
-    need = offset + voxels
     try:
-        st = os.stat(path)
-    except OSError:  # missing, or cannot be reached: said by the checks that stat it
+        st = os.stat(path) if held is None else os.fstat(held)
+    except (OSError, ValueError):  # missing, unreachable, closed: said by other checks
         return None
     if not stat.S_ISREG(st.st_mode):
         return None  # said by not_regular
-    if path.lower().endswith('.gz'):
-        size = _inflated_size(path) if isinstance(img, AnalyzeImage) else None
-        if size is None or size == need % (1 << 32):
+    ext = os.path.splitext(path)[1].lower()
+    if ext in _STREAMS:
+        if ext == '.gz' and _inflated_size(path) in (None, need % (1 << 32)):
             return None
-        # the trailer is only the last member's size (bgzip writes many members), modulo
-        # 2**32: the stream itself decides, inflated once per file identity
+        # gzip's trailer is only the last member's size (bgzip writes many members),
+        # modulo 2**32; bzip2 tells none: the stream itself decides, inflated once per
+        # file identity
         ident = path_id(path)
         size = _stream_length(path, ident) if ident and ident.settled() else _inflate(path)
         if size is None or size >= need:
             return None
         return (
             f'{path} is truncated or damaged: it inflates to {size} bytes, its header '
-            f'needs {need} ({offset} + {voxels} bytes of voxels)'
+            f'needs {need} ({what})'
         )
     if path.lower().endswith(_COMPRESSED) or st.st_size >= need:
         return None  # a compressed file's size says nothing of what it inflates to
-    return (
-        f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({offset} + '
-        f'{voxels} bytes of voxels)'
-    )
+    return f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({what})'
+
+
+@functools.singledispatch
+def _voxel_file(dataobj: Any) -> tuple[Any, int, str, int | None] | None:
+    """The file ``dataobj`` reads its voxels from: its name, how many bytes it must hold
+    and why, and the descriptor it reads through when it holds one (else None: it opens
+    the name). None for anything that reads no file (an array) or no known length."""
+    return None
+
+
+def _voxel_bytes(offset: int, shape: Any, dtype: np.dtype) -> tuple[int, str]:
+    voxels = math.prod(int(n) for n in shape) * dtype.itemsize
+    return offset + voxels, f'{offset} + {voxels} bytes of voxels'
+
+
+@_voxel_file.register
+def _(dataobj: ArrayProxy) -> tuple[Any, int, int, int | None] | None:
+    name = dataobj.file_like
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    return name, *_voxel_bytes(int(dataobj.offset), dataobj.shape, dataobj.dtype), None
+
+
+@_voxel_file.register
+def _(dataobj: PARRECArrayProxy) -> tuple[Any, int, int, int | None] | None:
+    # reads the whole .REC (every slice, in the file's order) through the opener it holds
+    opener = dataobj.file_like
+    name = getattr(opener, 'name', None)
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    try:
+        held = None if os.fspath(name).lower().endswith(_COMPRESSED) else opener.fileno()
+    except (OSError, ValueError, AttributeError):  # closed, or no descriptor
+        held = None
+    return name, *_voxel_bytes(0, dataobj._rec_shape, dataobj.dtype), held
+
+
+@_voxel_file.register
+def _(dataobj: MincImageArrayProxy) -> tuple[Any, int, str, int | None] | None:
+    # MINC2: HDF5 reads the file through the handle it holds; its superblock records
+    # where the file ends (HDF5 refuses to open a shorter file, but not to read one)
+    hdf5 = dataobj.minc_file._mincfile
+    try:
+        fd = hdf5.id.get_vfd_handle()
+        end = _hdf5_end(fd)
+    except (AttributeError, OSError, ValueError, RuntimeError):  # MINC1, closed
+        return None
+    if end is None:
+        return None
+    name = getattr(hdf5, 'filename', None)
+    if not isinstance(name, (str, os.PathLike)):
+        return None
+    return name, end, 'the end of file its HDF5 superblock records', fd
+
+
+_HDF5_SIGNATURE = b'\x89HDF\r\n\x1a\n'
+
+
+def _hdf5_end(fd: int) -> int | None:
+    """The end-of-file address the HDF5 superblock of the file open at ``fd`` records
+    (the bytes the file must hold, as HDF5's own open checks), or None.
+
+    The superblock is at 0, or after a user block of 512, 1024, 2048... bytes; versions
+    0 and 1 keep the address as their third one after 24 (28) bytes, 2 and 3 after 12.
+
+    Examples
+    --------
+    >>> import os
+    >>> from nibabel.testing import data_path
+    >>> path = os.path.join(data_path, 'small.mnc')
+    >>> fd = os.open(path, os.O_RDONLY)
+    >>> _hdf5_end(fd) == os.path.getsize(path)
+    True
+    >>> os.close(fd)
+    """
+    size, at = os.fstat(fd).st_size, 0
+    while (head := os.pread(fd, 64, at))[:8] != _HDF5_SIGNATURE:
+        at = at * 2 or 512
+        if at >= size:
+            return None
+    version = head[8]
+    if version in (0, 1):
+        width, first = head[13], 24 + 4 * version
+    elif version in (2, 3):
+        width, first = head[9], 12
+    else:
+        return None
+    field = head[first + 2 * width : first + 3 * width]
+    if width not in (2, 4, 8) or len(field) != width or field == b'\xff' * width:
+        return None
+    return int.from_bytes(field, 'little')
 
 
 def _inflated_size(path: str) -> int | None:
@@ -428,26 +518,34 @@ def _stream_length(path: str, ident: FileId) -> int | None:
     return _inflate(path)
 
 
+#: The decompressors of the compressed files whose length truncation checks, by
+#: extension: each stream's end leaves what follows in ``unused_data`` (the next member)
+_STREAMS: dict[str, Any] = {
+    '.gz': lambda: zlib.decompressobj(wbits=31),
+    '.bz2': bz2.BZ2Decompressor,
+}
+
+
 def _inflate(path: str) -> int | None:
-    """How many bytes the gzip file ``path`` inflates to, every member counted, up to
-    where it stops being readable; None when it cannot be opened."""
+    """How many bytes the gzip or bzip2 file ``path`` inflates to, every member counted,
+    up to where it stops being readable; None when it cannot be opened."""
     try:
         fd = open_regular(path)
     except OSError:
         return None
-    total, inflater = 0, zlib.decompressobj(wbits=31)
+    fresh = _STREAMS[os.path.splitext(path)[1].lower()]
+    total, inflater = 0, fresh()
     with os.fdopen(fd, 'rb') as fobj:
         while chunk := fobj.read(1 << 20):
             while chunk:
                 try:
                     total += len(inflater.decompress(chunk))
-                except zlib.error:
+                except (zlib.error, OSError, EOFError):
                     return total  # damaged here: what inflated before is all there is
+                if not inflater.eof:
+                    break
                 chunk = inflater.unused_data
-                if inflater.eof:
-                    inflater = zlib.decompressobj(wbits=31)  # the next member
-                else:
-                    chunk = b''
+                inflater = fresh()  # the next member
     return total
 
 
