@@ -386,26 +386,41 @@ def test_the_state_memo_agrees_with_a_full_resolve_after_any_edits(settled_pair,
 
 
 @contextlib.contextmanager
-def _flipping_descrip(img, edited: bytes, restored: bytes, pause: float):
-    """Another thread sets the header's descrip to ``edited`` then back to ``restored``,
-    over and over (``pause`` seconds after each), until the block ends."""
+def _racing(step, switch_interval: float | None = 1e-6):
+    """Another thread calls ``step()`` over and over until the block ends, threads
+    switching every ``switch_interval`` seconds (as often as the interpreter can by
+    default; None: the interpreter's own interval)."""
     stop = threading.Event()
 
-    def flip() -> None:
-        header = img.header
+    def run() -> None:
         while not stop.is_set():
-            header['descrip'] = edited
-            time.sleep(pause)
-            header['descrip'] = restored
-            time.sleep(pause)
+            step()
 
-    thread = threading.Thread(target=flip)
+    thread = threading.Thread(target=run)
+    interval = sys.getswitchinterval()
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+        sys.setswitchinterval(interval)
+
+
+def _flipping_descrip(img, edited: bytes, restored: bytes, pause: float):
+    """Another thread sets the header's descrip to ``edited`` then back to ``restored``,
+    over and over (``pause`` seconds after each), until the block ends."""
+    header = img.header
+
+    def flip() -> None:
+        header['descrip'] = edited
+        time.sleep(pause)
+        header['descrip'] = restored
+        time.sleep(pause)
+
+    return _racing(flip, switch_interval=None)
 
 
 def test_an_answer_computed_while_another_thread_edits_and_restores_is_not_kept(tmp_path):
@@ -628,28 +643,6 @@ def test_edits_by_another_thread_never_leave_a_wrong_answer_remembered(
         ):
             assert (handed.path == settled_file) is (not edited), edits
             assert _content(nib.load(handed.path)) == _content(img), edits
-
-
-@contextlib.contextmanager
-def _racing(step):
-    """Another thread calls ``step()`` over and over until the block ends, threads
-    switching as often as the interpreter can."""
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            step()
-
-    thread = threading.Thread(target=run)
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    thread.start()
-    try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(interval)
 
 
 def _ask_while_walked(img, walk, calls, pause: float, store: Store) -> None:
