@@ -406,8 +406,12 @@ def truncation(img: Any) -> str | None:
     return f'{path} is truncated: {st.st_size} bytes, its header needs {need} ({what})'
 
 
+# (name, bytes it must hold, why, the descriptor it reads through or None)
+_VoxelFile = tuple[Any, int, str, int | None]
+
+
 @functools.singledispatch
-def _voxel_file(dataobj: Any) -> tuple[Any, int, str, int | None] | None:
+def _voxel_file(dataobj: Any) -> _VoxelFile | None:
     """The file ``dataobj`` reads its voxels from: its name, how many bytes it must hold
     and why, and the descriptor it reads through when it holds one (else None: it opens
     the name). None for anything that reads no file (an array) or no known length."""
@@ -420,7 +424,7 @@ def _voxel_bytes(offset: int, shape: Any, dtype: np.dtype) -> tuple[int, str]:
 
 
 @_voxel_file.register
-def _(dataobj: ArrayProxy) -> tuple[Any, int, int, int | None] | None:
+def _(dataobj: ArrayProxy) -> _VoxelFile | None:
     name = dataobj.file_like
     if not isinstance(name, (str, os.PathLike)):
         return None
@@ -428,7 +432,7 @@ def _(dataobj: ArrayProxy) -> tuple[Any, int, int, int | None] | None:
 
 
 @_voxel_file.register
-def _(dataobj: PARRECArrayProxy) -> tuple[Any, int, int, int | None] | None:
+def _(dataobj: PARRECArrayProxy) -> _VoxelFile | None:
     # reads the whole .REC (every slice, in the file's order) through the opener it holds
     opener = dataobj.file_like
     name = getattr(opener, 'name', None)
@@ -442,7 +446,7 @@ def _(dataobj: PARRECArrayProxy) -> tuple[Any, int, int, int | None] | None:
 
 
 @_voxel_file.register
-def _(dataobj: MincImageArrayProxy) -> tuple[Any, int, str, int | None] | None:
+def _(dataobj: MincImageArrayProxy) -> _VoxelFile | None:
     # MINC2: HDF5 reads the file through the handle it holds; its superblock records
     # where the file ends (HDF5 refuses to open a shorter file, but not to read one)
     hdf5 = dataobj.minc_file._mincfile

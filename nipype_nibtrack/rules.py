@@ -38,9 +38,7 @@ from nibabel.parrec import PARRECImage
 from .digest import _Memo, array_digest, data_digest, edited_cache
 from .fileid import FileId, all_settled, fd_id, kernel_path, not_regular, path_id, regular_opener
 from .frozen import Frozen, freeze
-from .opening import load_opened
-from .opening import opened as _opened
-from .opening import opened_file_map as _opened_file_map
+from .opening import load_opened, opened, opened_file_map
 from .provenance import (
     Record,
     binding_of,
@@ -128,7 +126,7 @@ def _(img: AnalyzeImage, paths: dict[str, str]) -> bytes:
 def _(img: MGHImage, paths: dict[str, str]) -> bytes:
     path = paths['image']
     if path.endswith(('.mgz', '.gz')):  # the footer would need the whole stream
-        with _opened(path) as fobj:
+        with opened(path) as fobj:
             return fobj.read(img.header_class._hdrdtype.itemsize)
     with open(path, 'rb', opener=regular_opener) as fobj:
         return header_bytes(img.header_class.from_fileobj(fobj))  # header and footer
@@ -143,7 +141,7 @@ def _(img: Any, paths: dict[str, str]) -> bytes:
 
 @header_key.register
 def _(img: Cifti2Image, paths: dict[str, str]) -> bytes:
-    with _opened(paths['image']) as fobj:
+    with opened(paths['image']) as fobj:
         raw = Nifti2Header.from_fileobj(fobj, check=False)
     return header_bytes(raw) + extension_bytes(raw)  # the CIFTI XML is an extension
 
@@ -250,7 +248,7 @@ class _Unbounded(Exception):
 
 def _header_file_bytes(path: str, single: bool) -> tuple[bytes, bool]:
     """(the bytes of ``path`` nibabel's header parser reads, whether they are all of it)."""
-    with _opened(path) as fobj:
+    with opened(path) as fobj:
         if not single:
             return fobj.read(), True  # a .hdr holds the header and nothing else
         head = fobj.read(544)
@@ -282,7 +280,8 @@ def _parsed_length(head: bytes) -> int | None:
 def _load_reference(klass: type, paths: dict[str, str]) -> tuple[Snapshot, bool, _Pinned | None]:
     """The snapshot of a default load of ``paths``, whether nibabel repaired its header on
     load, and for a NIfTI/Analyze image the bytes it was made from (:class:`_Pinned`), if
-    pinned. Files are read through descriptors the core opened (:func:`_opened_file_map`)."""
+    pinned. Files are read through descriptors the core opened
+    (:func:`~.opening.opened_file_map`)."""
     if issubclass(klass, AnalyzeImage):
         pinned = _Pinned.read(paths)
         if pinned is not None:
@@ -306,7 +305,7 @@ def _load_reference(klass: type, paths: dict[str, str]) -> tuple[Snapshot, bool,
         snap = snapshot(fresh)
         if not issubclass(klass, AnalyzeImage):
             return snap, False, None
-        with _opened_file_map(klass, paths) as repairs:
+        with opened_file_map(klass, paths) as repairs:
             return snap, _raw_header_repaired(klass, repairs, fresh), None
 
 
